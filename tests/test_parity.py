@@ -146,3 +146,22 @@ def test_vae_encode_mean_matches_diffusers(zi, ref_vae, h, w):
         dist = ref_vae.encode(x).latent_dist
     close(mean, dist.mean)
     close(logvar, dist.logvar)
+
+
+def test_dit_matches_diffusers_when_dim_exceeds_the_adaln_width(tmp_path):
+    """With dim > 256 the adaLN width min(dim, 256) differs from dim (as in the real model, 3840 vs 256);
+    our loader and forward still match diffusers."""
+    from diffusers import ZImageTransformer2DModel
+    from tests.checkpoints import make_random_checkpoint
+    ckpt = make_random_checkpoint(tmp_path / "wide", seed=2, transformer={
+        "dim": 288, "n_heads": 3, "n_kv_heads": 3, "axes_dims": [32, 32, 32], "n_layers": 1, "n_refiner_layers": 1})
+    ours = M.load_transformer(ckpt / "transformer")
+    ref = ZImageTransformer2DModel.from_pretrained(ckpt, subfolder="transformer").eval()
+    assert ours.t_embedder.mlp[2].weight.shape[0] == 256
+    g = torch.Generator().manual_seed(0)
+    latents = [torch.randn(16, 6, 4, generator=g), torch.randn(16, 4, 4, generator=g)]
+    caps = [torch.randn(11, ours.cfg.cap_feat_dim, generator=g), torch.randn(3, ours.cfg.cap_feat_dim, generator=g)]
+    t = torch.tensor([0.1, 0.9])
+    with torch.no_grad():
+        for o, r in zip(ours(latents, t, caps), _ref_dit(ref, latents, t, caps)):
+            close(o, r)

@@ -1,0 +1,27 @@
+"""Shared fixtures: small random Z-Image checkpoints in the real layout (see tests/checkpoints.py).
+
+Each is built once per test session (< 1 s) under pytest's temporary directory.
+"""
+
+import pytest
+import torch
+
+from tests.checkpoints import make_random_checkpoint
+
+
+@pytest.fixture(scope="session")
+def random_ckpt(tmp_path_factory):
+    """Random checkpoint, seed 0, everything stored fp32 (text encoder config in transformers-5 form)."""
+    return make_random_checkpoint(tmp_path_factory.mktemp("random_ckpt") / "Z-Image-Turbo", seed=0)
+
+
+@pytest.fixture(scope="session")
+def random_ckpt_bf16_te(tmp_path_factory):
+    """Same weights as random_ckpt (seed 0), but the text encoder is stored as the real repo stores it:
+    bf16 tensors and a config.json with top-level rope_theta."""
+    return make_random_checkpoint(
+        tmp_path_factory.mktemp("random_ckpt_bf16_te") / "Z-Image-Turbo",
+        seed=0,
+        te_dtype=torch.bfloat16,
+        te_rope_at_top_level=True,
+    )
