@@ -282,3 +282,9 @@ def safetensors_dtypes(folder: str | os.PathLike) -> dict[str, str]:
             for k in sf.keys():
                 dtypes[k] = sf.get_slice(k).get_dtype()
     return dtypes
+
+
+if __name__ == "__main__":  # python -m tests.checkpoints DIR: write a random checkpoint to try sample.py on
+    import sys
+
+    print(make_random_checkpoint(Path(sys.argv[1] if len(sys.argv) > 1 else "out/zimage-random")))
