@@ -273,6 +273,7 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=False)])  # ModuleList of one: key to_out.0.weight
         self.norm_q = RMSNorm(dim // n_heads, eps)
         self.norm_k = RMSNorm(dim // n_heads, eps)
+        self.probe = None  # optional callable(q, k): how zerase's attention loss (Eq. 6) reads q and k
 
     def qkv(self, x: torch.Tensor, freqs: torch.Tensor, text_rows: torch.Tensor | None = None):
         """Projected, QK-normed, rotated q, k, v, each (B, H, S, Dh)."""
@@ -285,6 +286,8 @@ class Attention(nn.Module):
 
     def forward(self, x, freqs, mask=None, text_rows=None) -> torch.Tensor:
         q, k, v = self.qkv(x, freqs, text_rows)
+        if self.probe is not None:
+            self.probe(q, k)
         # mask (B, 1, 1, S): True = attend. Only batch padding is masked; the learned pad tokens are attended.
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, S, Dh), scale 1/sqrt(Dh)
         return self.to_out[0](h.transpose(1, 2).flatten(2))
@@ -877,6 +880,7 @@ class ZImage:
     text_encoder: Qwen3TextEncoder | None
     tokenizer: Tokenizer
     vae: AutoencoderKL | None
+    vae_cfg: VAEConfig  # read even when the VAE weights are not loaded (training needs the latent shape)
     scheduler: SchedulerConfig
     defaults: dict  # sampling defaults stored with the checkpoint (zerase.json), may be empty
 
@@ -887,6 +891,10 @@ class ZImage:
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.x_pad_token.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae_cfg.scale_factor
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
@@ -950,6 +958,7 @@ def load_zimage(path, device="cpu", dtype: torch.dtype | None = None, text_encod
         text_encoder=load_text_encoder(path / "text_encoder", dtype, device) if text_encoder else None,
         tokenizer=Tokenizer(path / "tokenizer" / "tokenizer.json"),
         vae=load_vae(path / "vae", torch.float32, device) if vae else None,
+        vae_cfg=VAEConfig.from_json(path / "vae" / "config.json"),
         scheduler=SchedulerConfig.from_json(path / "scheduler" / "scheduler_config.json"),
         defaults=defaults,
     )
@@ -972,6 +981,45 @@ def atomic_write(path, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_training_state(path, modules: dict, opts: dict, meta: dict, only=lambda k: True) -> None:
+    """A resumable training checkpoint: module and optimizer tensors in safetensors, the rest (step, λ,
+    optimizer hyper-parameters) as JSON in its metadata. `only` selects which module keys to keep."""
+    from safetensors.torch import save_file
+    tensors, groups = {}, {}
+    for name, m in modules.items():
+        tensors.update({f"{name}.{k}": v.detach().contiguous() for k, v in m.state_dict().items() if only(k)})
+    for name, opt in opts.items():
+        sd = opt.state_dict()
+        for idx, st in sd["state"].items():
+            for k, v in st.items():
+                tensors[f"opt.{name}.{idx}.{k}"] = torch.as_tensor(v).detach().contiguous().clone()
+        groups[name] = sd["param_groups"]
+    meta = {**meta, "param_groups": groups}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)}))
+
+
+def load_training_state(path, modules: dict, opts: dict, only=lambda k: True) -> dict:
+    """Inverse of save_training_state; returns its JSON metadata."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for name, m in modules.items():
+        sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        with torch.no_grad():
+            for k, p in m.state_dict(keep_vars=True).items():
+                if only(k):
+                    p.copy_(sd[k])
+    for name, opt in opts.items():
+        state = {}
+        for k, v in tensors.items():
+            if k.startswith(f"opt.{name}."):
+                idx, key = k[len(f"opt.{name}."):].split(".", 1)
+                state.setdefault(int(idx), {})[key] = v
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"][name]})
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def generate(zi: ZImage, prompts: list[str], seed: int, height: int, width: int,
     cond = cond if cond is not None else zi.encode_prompts(prompts)
     uncond = zi.encode_prompts([negative_prompt] * len(prompts)) if guidance > 0 else None
     noise = initial_noise(len(prompts), zi.transformer.cfg.in_channels, height, width,
-                          zi.vae.cfg.scale_factor, seed).to(zi.device)
+                          zi.vae_scale_factor, seed).to(zi.device)
     latents = denoise(zi.transformer, noise, cond, turbo_sigmas(steps, zi.scheduler.shift), uncond, guidance)
     with torch.no_grad():
         return to_uint8(zi.vae.latents_to_image(latents))
@@ -89,7 +89,7 @@ def save_png(array: np.ndarray, path) -> None:
 
 
 def check_size(zi: ZImage, height: int, width: int) -> None:
-    m = 2 * zi.vae.cfg.scale_factor  # one DiT patch = 2x2 latent cells = 2f x 2f pixels
+    m = 2 * zi.vae_scale_factor  # one DiT patch = 2x2 latent cells = 2f x 2f pixels
     if height < m or width < m or height % m or width % m:
         raise ValueError(f"height and width must be positive multiples of {m} for this model "
                          f"(got {height}x{width}); pick e.g. {max(m, height // m * m)}x{max(m, width // m * m)}.")

@@ -1,0 +1,313 @@
+"""
+Pretrain the embedded tiny Z-Image (weights/zimage-tiny) on the procedural concept world, from scratch,
+reproducibly from one seed, and write it in exactly the real Hugging Face layout so that the same loader
+and sampler serve it and the real Z-Image-Turbo.
+
+    python -m tiny.pretrain                        # all stages; resumes from runs/tiny if interrupted
+    python -m tiny.pretrain --dit-steps 200        # a quick smoke run
+
+Stages (each checkpointed under --work, so a run that is cut off resumes where it stopped):
+  1. tokenizer: a Qwen-style byte-level BPE on the world's caption text (tiny/tokenizer.py);
+  2. data: N world images (uint8) and their labels (captions are redrawn every step);
+  3. vae: an AutoencoderKL of the real architecture with 3 levels instead of 4 (16 latent channels, 4x
+     downsampling: a 64x64 image is 16x16 latents, 64 DiT tokens), trained on reconstruction + a small KL
+     on random 32x32 crops (the VAE is convolutional, so crops cost a quarter and decode full images the
+     same); scaling/shift factors measured on its latents as FLUX did;
+  4. latents: every image encoded once (posterior mean, scaled: (mean - shift) * scaling);
+  5. dit: the Qwen3 text encoder and the DiT trained jointly with the rectified-flow loss, in the SAME
+     conventions the sampler uses: x_sigma = (1 - sigma) x0 + sigma eps, the DiT called with t = 1 - sigma
+     and trained to output v = x0 - eps (the sampler negates it); sigma drawn with the scheduler's shift,
+     so training covers the noise levels the 8-step Turbo schedule visits; an EMA of the weights is kept;
+  6. export: the EMA weights written to --out atomically (temporary folder, then rename).
+
+Only the tiny model is pretrained by this project; the real Z-Image-Turbo's text encoder is a frozen LLM.
+Here the text encoder is trained with the DiT, because a random one would not know that "van Gough" and
+"Vincent van Gogh" mean the same thing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import model as M  # noqa: E402
+from tiny import world  # noqa: E402
+from tiny.tokenizer import save_tokenizer, train_tokenizer  # noqa: E402
+
+# --- the tiny model's configs: the real architecture, only sizes differ (real values: model.ZIMAGE_TURBO) ---
+VOCAB = 640
+TEXT_ENCODER = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 64, "intermediate_size": 192,
+    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "hidden_act": "silu", "rms_norm_eps": 1e-06, "rope_theta": 1000000, "rope_scaling": None,
+    "max_position_embeddings": 512, "vocab_size": VOCAB, "tie_word_embeddings": True, "attention_bias": False,
+    "attention_dropout": 0.0, "use_sliding_window": False, "sliding_window": None, "torch_dtype": "float32",
+    "bos_token_id": 0, "eos_token_id": 2,
+}
+TRANSFORMER = {
+    "_class_name": "ZImageTransformer2DModel", "all_patch_size": [2], "all_f_patch_size": [1],
+    "in_channels": 16, "dim": 128, "n_layers": 6, "n_refiner_layers": 2, "n_heads": 4, "n_kv_heads": 4,
+    "norm_eps": 1e-05, "qk_norm": True, "cap_feat_dim": 64, "rope_theta": 256.0, "t_scale": 1000.0,
+    "axes_dims": [8, 12, 12], "axes_lens": [1536, 512, 512],
+}
+VAE = {
+    "_class_name": "AutoencoderKL", "act_fn": "silu", "in_channels": 3, "out_channels": 3, "latent_channels": 16,
+    "block_out_channels": [16, 32, 64], "layers_per_block": 1, "norm_num_groups": 16,
+    "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "mid_block_add_attention": True, "sample_size": world.IMAGE_SIZE, "scaling_factor": 1.0,
+    "shift_factor": 0.0, "use_quant_conv": False, "use_post_quant_conv": False, "force_upcast": True,
+}  # scaling_factor / shift_factor are measured after VAE training (stage 3)
+CROP = 32  # VAE training crop size (pixels)
+SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+             "use_dynamic_shifting": False}
+MODEL_INDEX = {
+    "_class_name": "ZImagePipeline", "_diffusers_version": "0.36.0.dev0",
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "Qwen3Model"],
+    "tokenizer": ["transformers", "Qwen2Tokenizer"], "transformer": ["diffusers", "ZImageTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+DEFAULT_PROMPTS = ["A painting of a red star in the style of Van Gogh", "A blue heart in the style of Monet",
+                   "A yellow house, Picasso style", "A green tree in the style of Mondrian",
+                   "An orange circle in the style of Hokusai", "A purple moon in the style of Klimt",
+                   "A photo of a pink square", "A close scene of a cyan arrow in the style of Warhol"]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 3: the VAE
+
+def train_vae(images: np.ndarray, work: Path, steps: int, batch: int, seed: int) -> M.AutoencoderKL:
+    torch.manual_seed(seed)
+    vae = M.AutoencoderKL(M.VAEConfig.from_dict(VAE))
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    ck, step = work / "vae.safetensors", 0
+    if ck.exists():
+        step = M.load_training_state(ck, {"vae": vae}, {"vae": opt})["step"]
+        log(f"vae: resumed at step {step}")
+    t0 = time.time()
+    while step < steps:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # data order is a function of the step
+        idx = torch.randint(len(images), (batch,), generator=g)
+        x = world.to_tensor(images[idx.numpy()])
+        oy, ox = (torch.randint(0, 5, (2,), generator=g) * 8).tolist()  # crop on the 8-pixel grid
+        x = x[:, :, oy:oy + CROP, ox:ox + CROP]
+        mean, logvar = vae.encode(x)
+        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
+        rec = vae.decode(z)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+        for pg in opt.param_groups:
+            pg["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))  # cosine decay
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 100 == 0 or step == steps:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f} kl {kl.item():.3f} ({time.time() - t0:.0f}s)")
+        if step % 500 == 0 or step == steps:
+            M.save_training_state(ck, {"vae": vae}, {"vae": opt}, {"step": step})
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_all(vae: M.AutoencoderKL, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """Posterior means of every image, unscaled: (N, 16, 8, 8)."""
+    return torch.cat([vae.encode(world.to_tensor(images[i:i + batch]))[0] for i in range(0, len(images), batch)])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 5: text encoder + DiT, rectified flow in the sampler's conventions
+
+def sample_sigma(n: int, shift: float, g: torch.Generator) -> torch.Tensor:
+    """sigma = shift*s / (1 + (shift-1)*s), s ~ U(0, 1): the density the shifted Turbo schedule follows."""
+    s = torch.rand(n, generator=g)
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def encode_captions(te: M.Qwen3TextEncoder, tok: M.Tokenizer, captions: list[str]) -> list[torch.Tensor]:
+    """As ZImage.encode_prompts, but differentiable (the tiny text encoder is trained)."""
+    ids = [tok.encode(c)[0] for c in captions]
+    pad = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
+    for i, x in enumerate(ids):
+        pad[i, :len(x)] = torch.tensor(x)
+    h = te(pad)
+    return [h[i, :len(x)] for i, x in enumerate(ids)]
+
+
+def train_dit(latents: torch.Tensor, labels: dict, tok: M.Tokenizer, work: Path, steps: int, batch: int,
+              seed: int, lr: float = 5e-4, ema_decay: float = 0.999):
+    torch.manual_seed(seed)
+    te = M.Qwen3TextEncoder(M.TextEncoderConfig.from_dict(TEXT_ENCODER))
+    dit = M.ZImageTransformer(M.DiTConfig.from_dict(TRANSFORMER))
+    ema = {"te": M.Qwen3TextEncoder(te.cfg), "dit": M.ZImageTransformer(dit.cfg)}
+    ema["te"].load_state_dict(te.state_dict())
+    ema["dit"].load_state_dict(dit.state_dict())
+    params = list(te.parameters()) + list(dit.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    modules = {"te": te, "dit": dit, "ema_te": ema["te"], "ema_dit": ema["dit"]}
+    ck, step = work / "dit.safetensors", 0
+    if ck.exists():
+        step = M.load_training_state(ck, modules, {"dit": opt})["step"]
+        log(f"dit: resumed at step {step}")
+    shift, warmup, t0 = SCHEDULER["shift"], 200, time.time()
+    while step < steps:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        rng = np.random.default_rng([seed, step])
+        idx = torch.randint(len(latents), (batch,), generator=g)
+        captions = []
+        for i in idx.tolist():  # a fresh caption every time an image is drawn: templates, aliases, 10% empty
+            lab = world.Labels(entity=int(labels["entity"][i]), colour=int(labels["colour"][i]),
+                               style=int(labels["style"][i]))
+            captions.append(world.caption_for(lab, rng)[0])
+        x0 = latents[idx]
+        eps = torch.randn(x0.shape, generator=g)
+        sigma = sample_sigma(batch, shift, g)
+        x_sigma = (1 - sigma)[:, None, None, None] * x0 + sigma[:, None, None, None] * eps
+        v = dit(x_sigma, 1 - sigma, encode_captions(te, tok, captions))  # t = 1 - sigma
+        loss = F.mse_loss(v, x0 - eps)  # v ~ x0 - eps: the sampler steps x += (sigma_next - sigma) * (-v)
+        for pg in opt.param_groups:
+            pg["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            for src, dst in ((te, ema["te"]), (dit, ema["dit"])):
+                for p, q in zip(src.parameters(), dst.parameters()):
+                    q.lerp_(p, 1 - ema_decay)
+        step += 1
+        if step % 50 == 0 or step == steps:
+            log(f"dit step {step}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / 60:.1f} min)")
+        if step % 250 == 0 or step == steps:
+            M.save_training_state(ck, modules, {"dit": opt}, {"step": step})
+    return ema["te"].eval(), ema["dit"].eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 6: export in the real layout
+
+def _save_sharded(tensors: dict, folder: Path, stem: str, n_shards: int) -> None:
+    """Write tensors as n_shards safetensors files plus the HF index (as the real checkpoint is stored)."""
+    from safetensors.torch import save_file
+    keys = sorted(tensors)
+    per = math.ceil(len(keys) / n_shards)
+    weight_map = {}
+    for s in range(n_shards):
+        name = f"{stem}-{s + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = {k: tensors[k].contiguous() for k in keys[s * per:(s + 1) * per]}
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / f"{stem}.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def export(out: Path, tok, vae: M.AutoencoderKL, te: M.Qwen3TextEncoder, dit: M.ZImageTransformer,
+           vae_cfg: dict, seed: int) -> None:
+    from safetensors.torch import save_file
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub in ("transformer", "text_encoder", "tokenizer", "vae", "scheduler"):
+        (tmp / sub).mkdir(parents=True)
+    dump = lambda p, obj: p.write_text(json.dumps(obj, indent=2) + "\n")
+    dump(tmp / "model_index.json", MODEL_INDEX)
+    dump(tmp / "transformer" / "config.json", TRANSFORMER)
+    _save_sharded(dict(dit.state_dict()), tmp / "transformer", "diffusion_pytorch_model", 2)
+    # Text encoder as Qwen3ForCausalLM stores it ("model." prefix). hidden_states[-2] never uses the last
+    # decoder layer or the final norm, so they were not trained; they are written (seeded random layer,
+    # unit norm) only so that the folder is a complete Qwen3 checkpoint other tools can open.
+    torch.manual_seed(seed + 1)
+    last = M.Qwen3Layer(te.cfg)
+    sd = {f"model.{k}": v for k, v in te.state_dict().items()}
+    sd.update({f"model.layers.{te.cfg.num_hidden_layers - 1}.{k}": v for k, v in last.state_dict().items()})
+    sd["model.norm.weight"] = torch.ones(te.cfg.hidden_size)
+    dump(tmp / "text_encoder" / "config.json", TEXT_ENCODER)
+    _save_sharded(sd, tmp / "text_encoder", "model", 2)
+    save_tokenizer(tok, tmp / "tokenizer")
+    dump(tmp / "vae" / "config.json", vae_cfg)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()},
+              str(tmp / "vae" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    dump(tmp / "scheduler" / "scheduler_config.json", SCHEDULER)
+    # sampling defaults stored with the model (read by sample.py), not chosen in code by its name
+    dump(tmp / "zerase.json", {"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE, "steps": 8,
+                               "guidance": 0.0, "prompts": DEFAULT_PROMPTS})
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "weights" / "zimage-tiny"))
+    p.add_argument("--work", default=str(ROOT / "runs" / "tiny"), help="checkpoints and caches (resumable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=40_000)
+    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--dit-steps", type=int, default=4000)
+    p.add_argument("--dit-batch", type=int, default=48)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    tok_dir = work / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        save_tokenizer(train_tokenizer(world.all_caption_text(), VOCAB), tok_dir)
+    tok = M.Tokenizer(tok_dir / "tokenizer.json")
+    log(f"tokenizer: vocab {tok.tok.get_vocab_size()}")
+
+    data_path = work / f"data-{args.seed}-{args.images}.npz"
+    if not data_path.exists():
+        log(f"data: rendering {args.images} images")
+        d = world.make_dataset(args.images, args.seed)
+        np.savez(str(data_path) + ".tmp.npz", images=d["images"], style=d["style"], entity=d["entity"],
+                 colour=d["colour"])
+        os.replace(str(data_path) + ".tmp.npz", data_path)
+    d = np.load(data_path)
+    images = d["images"]
+    labels = {k: d[k] for k in ("style", "entity", "colour")}
+
+    vae = train_vae(images, work, args.vae_steps, args.vae_batch, args.seed)
+    with torch.no_grad():
+        x = world.to_tensor(images[:256])
+        rec = vae.decode(vae.encode(x)[0])
+        log(f"vae: reconstruction L1 {F.l1_loss(rec, x).item():.4f} (pixels in [-1, 1])")
+    lat_path = work / "latents.safetensors"
+    if not lat_path.exists():
+        from safetensors.torch import save_file
+        mean = encode_all(vae, images)
+        M.atomic_write(lat_path, lambda tmp: save_file({"mean": mean.contiguous()}, str(tmp)))
+    from safetensors.torch import load_file
+    mean = load_file(str(lat_path))["mean"]
+    shift_f, scale_f = mean.mean().item(), 1.0 / mean.std().item()  # unit-variance latents for the DiT
+    vae_cfg = {**VAE, "scaling_factor": round(scale_f, 4), "shift_factor": round(shift_f, 4)}
+    vae.cfg = M.VAEConfig.from_dict(vae_cfg)
+    latents = (mean - vae_cfg["shift_factor"]) * vae_cfg["scaling_factor"]
+    log(f"latents: {tuple(latents.shape)}, scaling {vae_cfg['scaling_factor']}, shift {vae_cfg['shift_factor']}")
+
+    te, dit = train_dit(latents, labels, tok, work, args.dit_steps, args.dit_batch, args.seed)
+    export(out, tok.tok, vae, te, dit, vae_cfg, args.seed)
+    log(f"wrote {out} (total {(time.time() - t_start) / 60:.1f} min this invocation)")
+
+
+if __name__ == "__main__":
+    main()

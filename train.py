@@ -1,0 +1,267 @@
+"""
+Erase a concept from Z-Image with Z-Erase: train a token-gated LoRA (arXiv 2603.25074, Algorithm 1).
+
+    python train.py --concept "Van Gogh"                       # embedded tiny model, paper defaults
+    python train.py --concept "Van Gogh" --mode exact          # exact gradient surgery (Eqs. 11-12)
+    python train.py --concept church --category entity --model weights/Z-Image-Turbo --device cuda
+
+One training step (Algorithm 1, implicit mode):
+  1. draw x_t from a pool of partial Turbo trajectories of the FROZEN model under the concept prompt;
+  2. frozen references (LoRA disabled, which is exactly θ): v_θ(x_t, ∅), v_θ(x_t, c_er), v_θ(x_t, c_pr);
+  3. with the LoRA: L_er = L_erase (Eq. 5) + L_attn (Eq. 6) on a word-shuffled concept prompt, L_pr (Eq. 8);
+  4. update the LoRA with L_total = L_er + λ L_pr (AdamW, lr α);
+  5. measure L_pr again on the SAME batch after the update, g̃ = (L_pr before - L_pr after)/α + ε (Eq. 15),
+     and λ ← max(0, λ - β g̃) for the next step.
+Prompts are encoded once and the text encoder is freed; the VAE is never loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import model as M
+import zerase as Z
+from sample import DEFAULT_MODEL, denoise, initial_noise, turbo_sigmas
+
+EPS_BY_CATEGORY = {"style": 1e-3, "nudity": 1e-3, "violence": 1e-3, "entity": 1e-2, "abstraction": 1e-2,
+                   "celebrity": 1e-2}  # Table 6
+TEMPLATE_BY_CATEGORY = {"style": "An art in the style of {}", "entity": "A photo of {}",
+                        "abstraction": "A close scene of {}", "celebrity": "A photo of {}",
+                        "nudity": "A photo of {}", "violence": "A photo of {}"}  # Table 7
+GENERIC_PRESERVE = ["a photo of a dog", "a portrait of a woman", "a landscape with mountains and a lake",
+                    "a city street at night", "a bowl of fruit on a table", "a red car", "a cat on a sofa",
+                    "an oil painting of a ship"]  # used when the model stores no preservation prompts
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concept", required=True, help="the concept to erase, as written in prompts")
+    p.add_argument("--category", choices=sorted(EPS_BY_CATEGORY), help="sets ε (Table 6) and the prompt "
+                   "template (Table 7); default: from the model's zerase.json")
+    p.add_argument("--alias", action="append", default=[], help="another spelling of the concept (repeatable)")
+    p.add_argument("--preserve", action="append", help="a preservation prompt c_pr (repeatable); default: the "
+                   "model's own list (zerase.json), else a generic list")
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--out", help="LoRA file (default: loras/<concept>.safetensors)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=1e-3, help="α, AdamW learning rate")
+    p.add_argument("--beta", type=float, default=0.1, help="β, step size of the λ update (Eq. 15)")
+    p.add_argument("--eta", type=float, default=2.0, help="η, negative guidance of the erase target (Eq. 5)")
+    p.add_argument("--eps", type=float, help="ε, preservation tolerance; default by category (Table 6)")
+    p.add_argument("--mode", choices=["implicit", "exact"], default="implicit",
+                   help="implicit: Algorithm 1 (one backward); exact: gradient surgery, Eqs. 11-12 (two)")
+    p.add_argument("--fixed-lambda", type=float, help="baseline: static scalarisation L_er + X·L_pr")
+    p.add_argument("--no-gate", action="store_true", help="baseline: naive LoRA on image and text tokens")
+    p.add_argument("--losses", default="erase,attn,pr", help="subset of erase,attn,pr (Table 5 ablation)")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--alpha", type=float, help="LoRA alpha (scale = alpha/rank); default = rank")
+    p.add_argument("--targets", default="to_q,to_k,to_v", help="projections of the unified layers to adapt")
+    p.add_argument("--layers", default="all", help="unified layers to adapt: all, or e.g. 0,1,2")
+    p.add_argument("--resolution", type=int, help="training image size in pixels (default: the model's own, "
+                   "else 1024)")
+    p.add_argument("--pool", type=int, default=32, help="frozen-model trajectories to draw x_t from")
+    p.add_argument("--variants", type=int, default=32, help="word-shuffled concept prompts, encoded once")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt.safetensors")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", help="float32 (CPU default) or bfloat16 (GPU default)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts: concept prompts (word-shuffled, concept tokens located again after each shuffle), preservation
+
+def concept_prompts(zi: M.ZImage, concept: str, aliases: list[str], category: str, n: int, seed: int):
+    """n erase prompts c_er and, for each, the indices of the concept's tokens in its templated caption."""
+    names = [concept] + aliases
+    rng = random.Random(seed)
+    base = [TEMPLATE_BY_CATEGORY[category].format(name) for name in names]
+    prompts, tokens = [], []
+    for i in range(n):
+        p = base[i % len(base)] if i < len(base) else Z.shuffle_words(rng.choice(base), names, rng)
+        spans = zi.tokenizer.encode(p)[1]
+        idx = Z.concept_token_indices(spans, Z.find_phrases(p, names))
+        if not idx:
+            raise ValueError(f"the concept {concept!r} cannot be found among the tokens of {p!r}; "
+                             f"write --concept exactly as it appears in prompts (or add --alias).")
+        prompts.append(p)
+        tokens.append(idx)
+    return prompts, tokens
+
+
+def preservation_prompts(zi: M.ZImage, args) -> list[str]:
+    if args.preserve:
+        return args.preserve
+    stored = zi.defaults.get("preserve", {})
+    return [p for p in stored.get(args.category, []) if args.concept.lower() not in p.lower()] or GENERIC_PRESERVE
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One step
+
+def forward_losses(dit, spec: Z.LoRASpec, x_t, t, cer, cer_tokens, cpr, cnull, refs, eta, losses):
+    """L_erase, L_attn, L_pr with the LoRA on; one batched DiT call for [c_er, ∅, c_pr]."""
+    x3 = x_t.expand(3, -1, -1, -1)
+    caps = [cer, cnull, cpr]
+    lay = dit.layout([tuple(x_t.shape[-2:])] * 3, [len(c) for c in caps])
+    probe = Z.AttentionProbe(lay, [cer_tokens, [], []])
+    with Z.attention_probe(dit, spec.layers if "attn" in losses else (), probe):
+        v = dit(x3, t.expand(3), caps)
+    v_null, v_cer, v_cpr = refs
+    zero = v.new_zeros(()).float()
+    L_erase = Z.erase_loss(v[0], Z.erase_target(v_null, v_cer, eta)) if "erase" in losses else zero  # Eq. 5
+    L_attn = probe.loss() if "attn" in losses else zero  # Eq. 6
+    L_pr = Z.preservation_loss(v[1], v_null) + Z.preservation_loss(v[2], v_cpr)  # Eq. 8
+    return L_erase, L_attn, L_pr
+
+
+@torch.no_grad()
+def references(dit, x_t, t, cer, cpr, cnull):
+    """Frozen-model predictions (LoRA disabled = θ exactly): v_θ(x_t, ∅), v_θ(x_t, c_er), v_θ(x_t, c_pr)."""
+    with Z.lora_disabled(dit):
+        v = dit(x_t.expand(3, -1, -1, -1), t.expand(3), [cnull, cer, cpr])
+    return v[0], v[1], v[2]
+
+
+@torch.no_grad()
+def preservation_after(dit, x_t, t, cpr, cnull, refs) -> float:
+    """L_pr on the same batch after the update: the second measurement g̃ needs (Eq. 15)."""
+    v = dit(x_t.expand(2, -1, -1, -1), t.expand(2), [cnull, cpr])
+    return (Z.preservation_loss(v[0], refs[0]) + Z.preservation_loss(v[1], refs[2])).item()
+
+
+def trajectory_pool(zi: M.ZImage, cond: torch.Tensor, n: int, seed: int, height: int, width: int, steps: int):
+    """x_t from partial Turbo trajectories of the frozen model under the concept prompt: for n seeded
+    noises, every state x_{σ_k} the 8-step sampler visits (k = 0..steps-1), with its σ_k."""
+    sig = turbo_sigmas(steps, zi.scheduler.shift)
+    noise = initial_noise(n, zi.transformer.cfg.in_channels, height, width, zi.vae_scale_factor, seed)
+    xs, sigmas = [], []
+    x = noise.to(zi.device)
+    for k in range(steps):
+        xs.append(x.clone())
+        sigmas.append(torch.full((n,), sig[k].item()))
+        x = denoise(zi.transformer, x, [cond] * n, sig[k:k + 2])  # one Euler step of the frozen model
+    return torch.cat(xs), torch.cat(sigmas)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        device = M.parse_device(args.device)
+        dtype = M.parse_dtype(args.dtype) if args.dtype else None
+        losses = set(args.losses.split(","))
+        if not losses or not losses <= {"erase", "attn", "pr"}:
+            raise ValueError(f"--losses must be a subset of erase,attn,pr (got {args.losses!r}).")
+        if args.steps < 1 or args.lr <= 0 or args.rank < 1:
+            raise ValueError("--steps, --lr and --rank must be positive.")
+        zi = M.load_zimage(args.model, device, dtype, vae=False)
+        stored_cats = zi.defaults.get("categories", {})
+        args.category = args.category or stored_cats.get(args.concept)
+        if args.category is None:
+            raise ValueError(f"no --category given for {args.concept!r} and the model does not know it; pass "
+                             f"--category with one of {', '.join(sorted(EPS_BY_CATEGORY))}.")
+        eps = args.eps if args.eps is not None else EPS_BY_CATEGORY[args.category]
+        targets = tuple(args.targets.split(","))
+        n_layers = zi.transformer.cfg.n_layers
+        layers = tuple(range(n_layers)) if args.layers == "all" else tuple(int(i) for i in args.layers.split(","))
+        if not set(targets) <= {"to_q", "to_k", "to_v"} or not all(0 <= i < n_layers for i in layers):
+            raise ValueError(f"--targets must be among to_q,to_k,to_v and --layers within 0..{n_layers - 1}.")
+        aliases = args.alias or zi.defaults.get("aliases", {}).get(args.concept, [])
+        cer_prompts, cer_tokens = concept_prompts(zi, args.concept, aliases, args.category, args.variants, args.seed)
+    except (M.CheckpointError, ValueError) as e:
+        M.die(str(e))
+    out = Path(args.out or f"loras/{args.concept.lower().replace(' ', '-')}.safetensors")
+    ckpt, log_path = out.with_suffix(".ckpt.safetensors"), out.with_suffix(".jsonl")
+    spec = Z.LoRASpec(layers=layers, targets=targets, rank=args.rank, alpha=args.alpha or float(args.rank),
+                      gated=not args.no_gate)
+    height = width = args.resolution or zi.defaults.get("height", 1024)
+    steps_turbo = zi.defaults.get("steps", 8)
+
+    # Encode every prompt once, then free the text encoder (DESIGN §6.7).
+    cpr_prompts = preservation_prompts(zi, args)
+    feats = zi.encode_prompts(cer_prompts + cpr_prompts + [""])
+    cer_feats, cpr_feats, cnull = feats[:len(cer_prompts)], feats[len(cer_prompts):-1], feats[-1]
+    zi.free_text_encoder()
+    dit = zi.transformer
+    dit.gradient_checkpointing = args.gradient_checkpointing
+    pool_x, pool_sigma = trajectory_pool(zi, cer_feats[0], args.pool, args.seed, height, width, steps_turbo)
+
+    params = Z.add_lora(dit, spec, seed=args.seed)
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    lam, step = 0.0, 0  # Algorithm 1: λ_0 = 0
+    if args.resume and ckpt.exists():
+        meta = M.load_training_state(ckpt, {"lora": dit}, {"opt": opt}, only=lambda k: "lora_" in k)
+        lam, step = meta["lambda"], meta["step"]
+        print(f"resumed from {ckpt} at step {step}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "a" if args.resume else "w")
+    from tqdm import tqdm
+    bar = tqdm(total=args.steps, initial=step, desc=f"erasing {args.concept!r}")
+    t_start = time.time()
+    while step < args.steps:
+        g = random.Random(args.seed * 1_000_003 + step)  # everything a step draws is a function of the step
+        j = g.randrange(len(pool_x))
+        x_t, sigma = pool_x[j:j + 1], pool_sigma[j:j + 1].to(device)
+        t = 1 - sigma  # the DiT's time
+        v = g.randrange(len(cer_feats))
+        cer, toks, cpr = cer_feats[v], cer_tokens[v], cpr_feats[g.randrange(len(cpr_feats))]
+        refs = references(dit, x_t, t, cer, cpr, cnull)
+
+        L_erase, L_attn, L_pr = forward_losses(dit, spec, x_t, t, cer, toks, cpr, cnull, refs, args.eta, losses)
+        L_er = L_erase + L_attn  # Eq. 7
+        use_pr = "pr" in losses
+        if not all(math.isfinite(x.item()) for x in (L_erase, L_attn, L_pr)):
+            bar.close()
+            M.die(f"the loss became NaN/inf at step {step}; the last good checkpoint is {ckpt} "
+                  f"(resume with --resume, or lower --lr / --eta).", code=3)
+        opt.zero_grad(set_to_none=True)
+        if args.mode == "exact" and use_pr and args.fixed_lambda is None:
+            g_er = torch.autograd.grad(L_er, params, retain_graph=True, materialize_grads=True)  # ∇L_er
+            g_pr = torch.autograd.grad(L_pr, params, materialize_grads=True)  # backward 2: ∇L_pr
+            d, lam_star = Z.d_star_per_param(g_er, g_pr, eps)  # Eqs. 11-12
+            for p, di in zip(params, d):
+                p.grad = di
+            lam = float(lam_star)
+        else:
+            weight = args.fixed_lambda if args.fixed_lambda is not None else lam
+            (L_er + weight * L_pr if use_pr else L_er).backward()  # Algorithm 1: L_total = L_er + λ L_pr
+        opt.step()
+
+        rec = {"step": step + 1, "L_erase": L_erase.item(), "L_attn": L_attn.item(), "L_pr": L_pr.item(),
+               "lambda": lam}
+        if args.mode == "implicit" and use_pr and args.fixed_lambda is None:
+            L_pr_after = preservation_after(dit, x_t, t, cpr, cnull, refs)
+            gt = Z.g_tilde(L_pr.item(), L_pr_after, args.lr, eps)  # Eq. 15, same batch before/after
+            lam = Z.update_lambda(lam, gt, args.beta)  # λ ← max(0, λ - β g̃)
+            rec.update(L_pr_after=L_pr_after, g_tilde=gt)
+        step += 1
+        log.write(json.dumps(rec) + "\n")
+        bar.set_postfix(L_er=f"{L_er.item():.4f}", L_attn=f"{L_attn.item():.3f}", L_pr=f"{L_pr.item():.2e}",
+                        lam=f"{lam:.3f}")
+        bar.update()
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            log.flush()
+            M.save_training_state(ckpt, {"lora": dit}, {"opt": opt}, {"step": step, "lambda": lam},
+                                  only=lambda k: "lora_" in k)
+    bar.close()
+    log.close()
+    meta = {"concept": args.concept, "category": args.category, "aliases": aliases, "eps": eps, "eta": args.eta,
+            "lr": args.lr, "beta": args.beta, "steps": args.steps, "mode": args.mode, "losses": sorted(losses),
+            "fixed_lambda": args.fixed_lambda, "seed": args.seed, "pool": args.pool,
+            "train_seconds": round(time.time() - t_start, 1)}
+    Z.save_lora(out, dit, spec, base=Z.base_fingerprint(dit), settings=meta)
+    print(f"wrote {out} ({sum(p.numel() for p in params):,} parameters; log {log_path})")
+    return out
+
+
+if __name__ == "__main__":
+    main()
