@@ -4,6 +4,8 @@ Sample images from Z-Image-Turbo (or the embedded tiny Z-Image) with the Turbo f
     python sample.py                                   # default prompts on the embedded tiny model
     python sample.py --prompt "a red star in the style of Van Gogh" --seed 1 --out star.png
     python sample.py --model weights/Z-Image-Turbo --prompt "a lighthouse at dusk" --device cuda
+    python sample.py --lora loras/van-gogh.safetensors --compare     # base (top) vs erased (bottom), same seeds
+    python sample.py --lora a.safetensors --lora b.safetensors       # two erasures averaged (Eq. 63)
 
 Conventions, stated once (shared/zimage-spec.md §6-7; the official Z-Erase release gets the first two wrong):
   - sigma runs 1 -> 0 on the schedule sigma_i = shift*s / (1 + (shift-1)*s), s = linspace(1, 1/N, N), then 0;
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import zerase as Z
 from model import CheckpointError, ZImage, atomic_write, die, load_zimage, parse_device, parse_dtype, to_uint8
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "zimage-tiny"
@@ -105,11 +108,31 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, help="pixels (default: the model's native size; Turbo 1024)")
     p.add_argument("--steps", type=int, help="model evaluations (Turbo: 8)")
     p.add_argument("--guidance", type=float, help="CFG scale g in pos + g*(pos - neg); Turbo: 0 (off)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="zerase LoRA (repeatable); several are averaged (Eq. 63) unless weights are given")
+    p.add_argument("--compare", action="store_true", help="also render the base model: base row, erased row")
     p.add_argument("--cols", type=int, default=4, help="columns of the output grid for several prompts")
     p.add_argument("--out", default="samples.png", help="output PNG (one image, or a grid for several)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default=None, help="DiT/text-encoder dtype: float32 (CPU default) or bfloat16")
     return p.parse_args(argv)
+
+
+def parse_loras(specs: list[str]) -> tuple[list[str], list[float] | None]:
+    """["a.safetensors:0.5", "b.safetensors:0.5"] -> files, weights (None: average, w_i = 1/N)."""
+    files, weights = [], []
+    for spec in specs:
+        path, _, w = spec.rpartition(":") if ":" in spec else (spec, "", "")
+        try:
+            weights.append(float(w) if w else None)
+        except ValueError:
+            raise ValueError(f"--lora {spec!r}: the weight after ':' must be a number, e.g. file.safetensors:0.5.")
+        files.append(path or spec)
+    if all(w is None for w in weights):
+        return files, None
+    if any(w is None for w in weights):
+        raise ValueError("give a weight to every --lora or to none (none: they are averaged, Eq. 63).")
+    return files, weights
 
 
 def main(argv=None) -> Path:
@@ -132,10 +155,21 @@ def main(argv=None) -> Path:
         prompts = args.prompt or d.get("prompts")
         if not prompts:
             raise ValueError("no --prompt given and the model stores no default prompts; pass --prompt TEXT.")
-    except (CheckpointError, ValueError) as e:
+        if args.compare and not args.lora:
+            raise ValueError("--compare needs at least one --lora to compare the base model with.")
+        files, weights = parse_loras(args.lora)
+        if files:
+            Z.apply_loras(zi.transformer, files, weights)
+    except (CheckpointError, ValueError) as e:  # LoRAFileError is a ValueError
         die(str(e))
-    images = generate(zi, prompts, args.seed, height, width, steps, guidance, args.negative_prompt)
-    out = images[0].numpy() if len(images) == 1 else grid(images, min(args.cols, len(images)))
+    cond = zi.encode_prompts(prompts)
+    images = generate(zi, prompts, args.seed, height, width, steps, guidance, args.negative_prompt, cond)
+    cols = min(args.cols, len(images))
+    if args.compare:
+        with Z.lora_disabled(zi.transformer):
+            base = generate(zi, prompts, args.seed, height, width, steps, guidance, args.negative_prompt, cond)
+        images, cols = torch.cat([base, images]), len(prompts)  # row 1: base, row 2: erased
+    out = images[0].numpy() if len(images) == 1 else grid(images, cols)
     save_png(out, args.out)
     print(f"wrote {args.out} ({len(prompts)} image(s), {height}x{width}, {steps} steps, seed {args.seed})")
     return Path(args.out)
