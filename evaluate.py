@@ -93,6 +93,17 @@ def erasure_report(zi_base, zi_erased, clf, concept: str, n: int, seeds: list[in
             "FD": frechet_distance(f_base, f_erased), "robustness_Acc_e": robust}
 
 
+def style_grid(zi, path, entities=("circle", "star", "heart", "house", "tree", "moon"), seed=0) -> None:
+    """One row per style (and a plain row), one column per entity, colours varied: a picture to look at."""
+    from sample import grid, save_png
+    prompts = [f"a {world.COLOURS[(i + j) % len(world.COLOURS)]} {e} in the style of {s}"
+               for i, s in enumerate(world.STYLES) for j, e in enumerate(entities)]
+    prompts += [f"a {world.COLOURS[j % len(world.COLOURS)]} {e} on a plain background" for j, e in enumerate(entities)]
+    imgs = images_for(zi, prompts, [seed])
+    big = torch.nn.functional.interpolate(imgs, scale_factor=2, mode="nearest")  # x2 so a person can see it
+    save_png(grid(torch.from_numpy(world.to_uint8(big)), len(entities)), path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -101,11 +112,16 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=20, help="prompts per concept")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
     p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--grid", help="write a style x entity image grid of the base model to this PNG and stop")
     args = p.parse_args(argv)
     seeds = list(range(args.seeds))
     try:
         zi = M.load_zimage(args.model)
         clf = load_classifier()
+        if args.grid:
+            style_grid(zi, args.grid)
+            print(f"wrote {args.grid}")
+            return None
         if not args.lora:
             print(f"base model {args.model}: {args.prompts} held-out prompts x {args.seeds} seeds per concept")
             res = base_table(zi, clf, args.prompts, seeds)

@@ -217,6 +217,21 @@ def _save_sharded(tensors: dict, folder: Path, stem: str, n_shards: int) -> None
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
+def model_defaults() -> dict:
+    """What the tiny model stores about itself (zerase.json), read by sample.py and train.py instead of
+    choosing anything in code by the model's name: sampling defaults, default prompts, the category of
+    each concept (sets ε and the prompt template, Tables 6-7; colours are the paper's "abstraction"), and
+    per-category preservation prompts (the other concepts of the category, in the Table 7 template)."""
+    category = {"style": "style", "entity": "entity", "colour": "abstraction"}
+    template = {"style": "An art in the style of {}", "entity": "A photo of {}", "colour": "A close scene of {}"}
+    return {
+        "height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE, "steps": 8, "guidance": 0.0,
+        "prompts": DEFAULT_PROMPTS,
+        "categories": {c: category[k] for k, cs in world.CONCEPTS.items() for c in cs},
+        "preserve": {category[k]: [template[k].format(c) for c in cs] for k, cs in world.CONCEPTS.items()},
+    }
+
+
 def export(out: Path, tok, vae: M.AutoencoderKL, te: M.Qwen3TextEncoder, dit: M.ZImageTransformer,
            vae_cfg: dict, seed: int) -> None:
     from safetensors.torch import save_file
@@ -243,9 +258,7 @@ def export(out: Path, tok, vae: M.AutoencoderKL, te: M.Qwen3TextEncoder, dit: M.
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()},
               str(tmp / "vae" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
     dump(tmp / "scheduler" / "scheduler_config.json", SCHEDULER)
-    # sampling defaults stored with the model (read by sample.py), not chosen in code by its name
-    dump(tmp / "zerase.json", {"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE, "steps": 8,
-                               "guidance": 0.0, "prompts": DEFAULT_PROMPTS})
+    dump(tmp / "zerase.json", model_defaults())
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -259,9 +272,10 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=40_000)
     p.add_argument("--vae-steps", type=int, default=2000)
     p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--dit-steps", type=int, default=4000)
+    p.add_argument("--dit-steps", type=int, default=3000)
     p.add_argument("--dit-batch", type=int, default=48)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default); 1 is what the "
+                   "documented CPU run used: on a busy 2-core machine more threads spin-wait and run slower")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
