@@ -161,8 +161,10 @@ def main(argv=None):
         losses = set(args.losses.split(","))
         if not losses or not losses <= {"erase", "attn", "pr"}:
             raise ValueError(f"--losses must be a subset of erase,attn,pr (got {args.losses!r}).")
-        if args.steps < 1 or args.lr <= 0 or args.rank < 1:
-            raise ValueError("--steps, --lr and --rank must be positive.")
+        if min(args.steps, args.rank, args.pool, args.variants, args.checkpoint_every) < 1 or args.lr <= 0:
+            raise ValueError("--steps, --lr, --rank, --pool, --variants, --checkpoint-every must be > 0.")
+        if min(args.eps if args.eps is not None else 0, args.fixed_lambda or 0) < 0:
+            raise ValueError("--eps and --fixed-lambda must be >= 0 (a negative λ rewards raising L_pr).")
         zi = M.load_zimage(args.model, device, dtype, vae=False)
         stored_cats = zi.defaults.get("categories", {})
         args.category = args.category or stored_cats.get(args.concept)
@@ -197,13 +199,16 @@ def main(argv=None):
 
     params = Z.add_lora(dit, spec, seed=args.seed)
     opt = torch.optim.AdamW(params, lr=args.lr)
-    lam, step = 0.0, 0  # Algorithm 1: λ_0 = 0
+    lam = args.fixed_lambda if args.fixed_lambda is not None else 0.0  # Algorithm 1: λ_0 = 0, or the fixed λ
+    step = 0
     if args.resume and ckpt.exists():
         meta = M.load_training_state(ckpt, {"lora": dit}, {"opt": opt}, only=lambda k: "lora_" in k)
         lam, step = meta["lambda"], meta["step"]
         print(f"resumed from {ckpt} at step {step}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "a" if args.resume else "w")
+    old = log_path.read_text().splitlines() if args.resume and log_path.exists() else []
+    log = open(log_path, "w")
+    log.writelines(line + "\n" for line in old[:step])  # resume: drop records of steps past the checkpoint
     from tqdm import tqdm
     bar = tqdm(total=args.steps, initial=step, desc=f"erasing {args.concept!r}")
     t_start = time.time()
@@ -221,8 +226,8 @@ def main(argv=None):
         use_pr = "pr" in losses
         if not all(math.isfinite(x.item()) for x in (L_erase, L_attn, L_pr)):
             bar.close()
-            M.die(f"the loss became NaN/inf at step {step}; the last good checkpoint is {ckpt} "
-                  f"(resume with --resume, or lower --lr / --eta).", code=3)
+            last = f"the last good checkpoint is {ckpt} (--resume)" if ckpt.exists() else "no checkpoint yet"
+            M.die(f"the loss became NaN/inf at step {step + 1}; {last}; lower --lr / --eta.", code=3)
         opt.zero_grad(set_to_none=True)
         if args.mode == "exact" and use_pr and args.fixed_lambda is None:
             g_er = torch.autograd.grad(L_er, params, retain_graph=True, materialize_grads=True)  # ∇L_er

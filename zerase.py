@@ -351,6 +351,9 @@ def shuffle_words(prompt: str, phrases: list[str], rng: random.Random) -> str:
     """Shuffle the prompt's words, keeping each occurrence of a concept phrase as one unit."""
     units, pos = [], 0
     for a, b in find_phrases(prompt, phrases):
+        if a < pos:  # inside the previous occurrence ("van Gogh" in "Vincent van Gogh"): one unit, not two
+            units[-1], pos = units[-1] + prompt[pos:max(pos, b)], max(pos, b)
+            continue
         units += prompt[pos:a].split() + [prompt[a:b]]
         pos = b
     units += prompt[pos:].split()
@@ -414,14 +417,25 @@ def read_lora(path) -> tuple[dict[str, Tensor], dict]:
     if meta.get("format") != FORMAT or not all(k.startswith(KEY_PREFIX) for k in keys):
         raise LoRAFileError(f"{path} is not a zerase token-gated LoRA (format {meta.get('format')!r}); only "
                             f"files written by train.py can be applied.")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise LoRAFileError(f"{path} has format version {meta['format_version']}; upgrade zerase to read it.")
+    version = meta.get("format_version", "")
+    if version.isdigit() and int(version) > FORMAT_VERSION:
+        raise LoRAFileError(f"{path} has format version {version}; upgrade zerase to read it.")
+    try:
+        meta = {**meta, "format_version": int(version), "layers": tuple(json.loads(meta["layers"])),
+                "targets": tuple(json.loads(meta["targets"])), "rank": int(meta["rank"]),
+                "scale": float(meta["scale"]), "gated": meta["gate"] == "text",
+                "base_model": meta["base_model"]}
+    except (KeyError, ValueError, TypeError) as e:  # missing field; json.JSONDecodeError is a ValueError
+        raise LoRAFileError(f"{path} has missing or invalid zerase metadata ({e!r}); the file is damaged, "
+                            f"write it again with train.py.") from None
     factors = {}
     for k, v in tensors.items():
         mod, which = k[len(KEY_PREFIX):].rsplit(".", 1)
         factors[f"{mod}.lora_{which}"] = v
-    meta = {**meta, "layers": tuple(json.loads(meta["layers"])), "targets": tuple(json.loads(meta["targets"])),
-            "rank": int(meta["rank"]), "scale": float(meta["scale"]), "gated": meta["gate"] == "text"}
+    mods = {k.rsplit(".", 1)[0] for k in factors}
+    if not mods or set(factors) != {f"{m}.lora_{w}" for m in mods for w in "AB"}:
+        raise LoRAFileError(f"{path} does not hold one A and one B factor per module; the file is damaged, "
+                            f"write it again with train.py.")
     return factors, meta
 
 
@@ -453,6 +467,9 @@ def apply_loras(dit: nn.Module, paths: list, weights: list[float] | None = None)
         if m is None or (v.shape[1] != m.in_features if which == "lora_A" else v.shape[0] != m.out_features):
             raise LoRAFileError(f"{paths[0]} does not fit this model ({mod}: shapes or modules differ); use a "
                                 f"LoRA trained on this model.")
+    if missing := sorted(set(mods) - {k.rsplit(".", 1)[0] for k in merged}):
+        raise LoRAFileError(f"{paths[0]} has no factors for {missing[0]} although its metadata lists that "
+                            f"projection; the file is damaged, write it again with train.py.")
     set_lora_state(dit, merged, scale=1.0)
     return {"weights": w, "metas": [m for _, m in read]}
 

@@ -1,0 +1,248 @@
+"""train.py end to end on the small random checkpoint: what a run writes, exact resumption, the modes and
+baselines, and how it stops on bad input or a NaN loss (one `error:` line, no traceback, no LoRA file).
+
+Runs are in-process (`train.main`, a few 32-pixel steps each); a subprocess only where the exit status and
+stderr of a real process are the point.
+"""
+
+import gc
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import model as M
+import train
+import zerase as Z
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The model is tiny: one thread is faster than two, and much faster when the other core is busy."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def args(ckpt, out, *extra) -> list[str]:
+    return ["--concept", "circle", "--model", str(ckpt), "--category", "entity", "--resolution", "32",
+            "--pool", "2", "--variants", "4", "--out", str(out), *extra]
+
+
+def log_records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+# The reference run: 6 steps, checkpoints at 3 and 6, ε = 0 so that λ has to move (any rise of L_pr makes
+# g̃ < 0). Other tests reproduce it in pieces and compare.
+BASE = ("--steps", "6", "--checkpoint-every", "3", "--eps", "0")
+
+
+@pytest.fixture(scope="module")
+def reference(random_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "circle.safetensors"
+    assert train.main(args(random_ckpt, out, *BASE)) == out
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a run writes
+
+
+def test_a_run_writes_a_lora_file_and_a_log_of_every_loss_and_lambda_per_step(reference):
+    """A run writes a trained zerase LoRA and a JSONL log of L_erase, L_attn, L_pr and λ ≥ 0 per step."""
+    # Every B moves from 0 except the last layer's to_q: gated, it only changes that layer's caption
+    # queries, which no output reads, so it gets no gradient. λ does become positive (ε = 0).
+    factors, meta = Z.read_lora(reference)
+    assert meta["concept"] == "circle" and meta["gated"]
+    last = f"layers.{max(meta['layers'])}.attention.to_q.lora_B"
+    for k in (k for k in factors if k.endswith("lora_B")):
+        assert (factors[k].abs().sum() > 0) == (k != last), k
+    recs = log_records(reference)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
+    for r in recs:
+        assert all(math.isfinite(r[k]) for k in ("L_erase", "L_attn", "L_pr", "lambda"))
+        assert r["lambda"] >= 0 and r["L_erase"] > 0 and r["L_attn"] > 0
+    assert max(r["lambda"] for r in recs) > 0
+
+
+def test_the_logged_lambda_follows_the_implicit_update_of_eq_15(reference):
+    """Each logged λ is max(0, λ_prev - β g̃_prev), g̃ = (L_pr before - after)/α + ε (Eqs. 13, 15)."""
+    alpha, beta, eps = 1e-3, 0.1, 0.0  # train.py's --lr and --beta defaults, BASE's --eps
+    recs = log_records(reference)
+    assert recs[0]["lambda"] == 0.0
+    for prev, cur in zip(recs, recs[1:]):
+        g = (prev["L_pr"] - prev["L_pr_after"]) / alpha + eps
+        assert prev["g_tilde"] == pytest.approx(g, rel=1e-9, abs=1e-12)
+        assert cur["lambda"] == pytest.approx(max(0.0, prev["lambda"] - beta * g), rel=1e-9, abs=1e-12)
+
+
+def test_within_a_generous_tolerance_lambda_stays_at_zero_not_below(random_ckpt, tmp_path):
+    """With ε = 1 (g̃ > 0 at every step) the projection of Eq. 13 keeps λ at exactly 0, never below."""
+    out = tmp_path / "eps1.safetensors"
+    train.main(args(random_ckpt, out, "--steps", "3", "--eps", "1"))
+    recs = log_records(out)
+    assert all(r["g_tilde"] > 0 for r in recs)
+    assert [r["lambda"] for r in recs] == [0.0, 0.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resumption
+
+
+def test_resuming_after_an_interrupt_gives_a_bit_identical_lora_and_log(random_ckpt, tmp_path, monkeypatch,
+                                                                        reference, capsys):
+    """--resume after an interrupt gives the uninterrupted run's LoRA bit for bit, and the same log."""
+    # Interrupted in step 5, last checkpoint at step 3: the record of step 4, flushed when the interrupted
+    # process ended, must not appear twice.
+    out = tmp_path / "circle.safetensors"
+    real, calls = train.forward_losses, []
+
+    def interrupting(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "forward_losses", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args(random_ckpt, out, *BASE))
+    gc.collect()  # as at the end of an interrupted process: the open log is closed and flushed
+    assert not out.exists() and out.with_suffix(".ckpt.safetensors").exists()
+    assert [r["step"] for r in log_records(out)] == [1, 2, 3, 4]
+
+    monkeypatch.setattr(train, "forward_losses", real)
+    train.main(args(random_ckpt, out, *BASE, "--resume"))
+    assert "resumed from" in capsys.readouterr().out
+    got, want = Z.read_lora(out)[0], Z.read_lora(reference)[0]
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert out.with_suffix(".jsonl").read_text() == reference.with_suffix(".jsonl").read_text()
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(random_ckpt, tmp_path, monkeypatch,
+                                                                     capsys, reference):
+    """A NaN loss stops the run with one error line, no LoRA file; the last checkpoint loads and resumes."""
+    # resuming from it finishes with the uninterrupted run's LoRA bit for bit
+    out = tmp_path / "circle.safetensors"
+    real, calls = Z.erase_loss, []
+
+    def nan_at_step_5(*a):
+        calls.append(1)
+        return real(*a) * (math.nan if len(calls) == 5 else 1.0)
+
+    monkeypatch.setattr(Z, "erase_loss", nan_at_step_5)
+    with pytest.raises(SystemExit) as e:
+        train.main(args(random_ckpt, out, "--steps", "6", "--checkpoint-every", "2", "--eps", "0"))
+    assert e.value.code not in (0, None)
+    err = capsys.readouterr().err
+    lines = error_lines(err)
+    assert len(lines) == 1 and "NaN" in lines[0] and "step 5" in lines[0], err
+    ckpt = out.with_suffix(".ckpt.safetensors")
+    assert str(ckpt) in lines[0] and "Traceback" not in err
+    assert not out.exists()
+
+    dit = M.load_zimage(random_ckpt, text_encoder=False, vae=False).transformer
+    params = Z.add_lora(dit, Z.LoRASpec(layers=(0, 1)))
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    meta = M.load_training_state(ckpt, {"lora": dit}, {"opt": opt}, only=lambda k: "lora_" in k)
+    assert meta["step"] == 4 and all(torch.isfinite(p).all() for p in params)
+
+    monkeypatch.setattr(Z, "erase_loss", real)
+    train.main(args(random_ckpt, out, *BASE, "--resume"))
+    got, want = Z.read_lora(out)[0], Z.read_lora(reference)[0]
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Modes and baselines
+
+
+def test_exact_mode_logs_the_lambda_star_of_each_step(random_ckpt, tmp_path, monkeypatch):
+    """--mode exact logs, at each step, the λ* ≥ 0 that the gradient surgery (Eqs. 11-12) returned."""
+    seen = []
+    real = Z.d_star_per_param
+
+    def recording(*a):
+        d, lam = real(*a)
+        seen.append(float(lam))
+        return d, lam
+
+    monkeypatch.setattr(Z, "d_star_per_param", recording)
+    out = tmp_path / "exact.safetensors"
+    train.main(args(random_ckpt, out, "--steps", "3", "--mode", "exact", "--eps", "0"))
+    recs = log_records(out)
+    assert [r["lambda"] for r in recs] == seen and len(seen) == 3
+    assert all(lam >= 0 for lam in seen)
+    assert all("g_tilde" not in r for r in recs)
+    assert json.loads(Z.read_lora(out)[1]["settings"])["mode"] == "exact"
+
+
+def test_a_fixed_lambda_is_logged_and_used(random_ckpt, tmp_path):
+    """--fixed-lambda 0.5 logs λ = 0.5 at every step, and the run differs from --fixed-lambda 0."""
+    loras = {}
+    for lam in ("0.5", "0"):
+        out = tmp_path / f"fixed{lam}.safetensors"
+        train.main(args(random_ckpt, out, "--steps", "3", "--fixed-lambda", lam))
+        assert [r["lambda"] for r in log_records(out)] == [float(lam)] * 3
+        assert all("g_tilde" not in r for r in log_records(out))
+        loras[lam] = Z.read_lora(out)[0]
+    assert any(not torch.equal(loras["0.5"][k], loras["0"][k]) for k in loras["0"])
+
+
+def test_without_the_attention_loss_l_attn_is_zero_and_the_run_finishes(random_ckpt, tmp_path):
+    """--losses erase,pr trains without Eq. 6: L_attn is logged as 0 at every step, L_erase is not."""
+    out = tmp_path / "no-attn.safetensors"
+    train.main(args(random_ckpt, out, "--steps", "2", "--losses", "erase,pr"))
+    recs = log_records(out)
+    assert all(r["L_attn"] == 0.0 and r["L_erase"] > 0 for r in recs)
+    assert json.loads(Z.read_lora(out)[1]["settings"])["losses"] == ["erase", "pr"]
+
+
+def test_no_gate_trains_an_ungated_lora(random_ckpt, tmp_path):
+    """--no-gate runs and its file says gate = none, so it is applied to every token."""
+    out = tmp_path / "no-gate.safetensors"
+    train.main(args(random_ckpt, out, "--steps", "2", "--no-gate"))
+    _, meta = Z.read_lora(out)
+    assert meta["gate"] == "none" and not meta["gated"]
+    assert len(log_records(out)) == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_a_concept_not_found_among_the_prompt_tokens_is_one_error_line(random_ckpt, tmp_path):
+    """An empty concept, absent from its prompt tokens, exits non-zero: one error line, nothing else."""
+    out = tmp_path / "x.safetensors"
+    argv = args(random_ckpt, out, "--steps", "2", "--concept", "")  # the last --concept counts
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and "cannot be found" in lines[0], r.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flag, value", [("--losses", "foo"), ("--losses", "erase,foo"), ("--steps", "0"),
+                                         ("--layers", "99"), ("--layers", "-1"), ("--checkpoint-every", "0"),
+                                         ("--pool", "0"), ("--variants", "0"), ("--eps", "-1"),
+                                         ("--fixed-lambda", "-0.5"), ("--lr", "0")])
+def test_a_bad_flag_is_one_clear_error_line(flag, value, random_ckpt, tmp_path, capsys):
+    """A bad flag value stops the run before training: non-zero exit, one error line naming the flag."""
+    with pytest.raises(SystemExit) as e:
+        train.main(args(random_ckpt, tmp_path / "x.safetensors", "--steps", "2", flag, value))
+    assert e.value.code not in (0, None)
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and flag in lines[0], lines
+    assert not list(tmp_path.iterdir())
