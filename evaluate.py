@@ -25,23 +25,18 @@ import torch
 
 import model as M
 import zerase as Z
-from sample import DEFAULT_MODEL, denoise, initial_noise, turbo_sigmas
+from sample import DEFAULT_MODEL, TURBO, generate
 from tiny import world
 from tiny.classifier import frechet_distance, load_classifier, score
 
 
-@torch.no_grad()
 def images_for(zi: M.ZImage, prompts: list[str], seeds: list[int], feats=None) -> torch.Tensor:
-    """(len(seeds) * len(prompts), 3, H, W) images in [-1, 1]; seed s draws the noise of every prompt."""
-    d = zi.defaults
+    """(len(seeds) * len(prompts), 3, H, W) images in [-1, 1], sampled with the model's stored defaults;
+    seed s draws the noise of every prompt (as sample.py does)."""
+    d = {**TURBO, **zi.defaults}
     feats = feats if feats is not None else zi.encode_prompts(prompts)
-    sig = turbo_sigmas(d.get("steps", 8), zi.scheduler.shift)
-    out = []
-    for s in seeds:
-        noise = initial_noise(len(prompts), zi.transformer.cfg.in_channels, d["height"], d["width"],
-                              zi.vae_scale_factor, s).to(zi.device)
-        out.append(zi.vae.latents_to_image(denoise(zi.transformer, noise, feats, sig)).clamp(-1, 1).cpu())
-    return torch.cat(out)
+    return torch.cat([world.to_tensor(generate(zi, prompts, s, d["height"], d["width"], d["steps"], d["guidance"],
+                                               cond=feats).numpy()) for s in seeds])
 
 
 def accuracy(pred: dict, requests: list[dict], category: str) -> float:

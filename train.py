@@ -139,9 +139,11 @@ def preservation_after(dit, x_t, t, cpr, cnull, refs) -> float:
     return (Z.preservation_loss(v[0], refs[0]) + Z.preservation_loss(v[1], refs[2])).item()
 
 
-def trajectory_pool(zi: M.ZImage, cond: torch.Tensor, n: int, seed: int, height: int, width: int, steps: int):
+def trajectory_pool(zi: M.ZImage, cond: torch.Tensor, cnull: torch.Tensor, n: int, seed: int, height: int,
+                    width: int, steps: int, guidance: float):
     """x_t from partial Turbo trajectories of the frozen model under the concept prompt: for n seeded
-    noises, every state x_{σ_k} the 8-step sampler visits (k = 0..steps-1), with its σ_k."""
+    noises, every state x_{σ_k} the sampler visits (k = 0..steps-1), with its σ_k. The trajectories are
+    sampled as sample.py samples (the model's stored steps and guidance; Turbo: 8 steps, no CFG)."""
     sig = turbo_sigmas(steps, zi.scheduler.shift)
     noise = initial_noise(n, zi.transformer.cfg.in_channels, height, width, zi.vae_scale_factor, seed)
     xs, sigmas = [], []
@@ -149,7 +151,7 @@ def trajectory_pool(zi: M.ZImage, cond: torch.Tensor, n: int, seed: int, height:
     for k in range(steps):
         xs.append(x.clone())
         sigmas.append(torch.full((n,), sig[k].item()))
-        x = denoise(zi.transformer, x, [cond] * n, sig[k:k + 2])  # one Euler step of the frozen model
+        x = denoise(zi.transformer, x, [cond] * n, sig[k:k + 2], [cnull] * n, guidance)  # one frozen Euler step
     return torch.cat(xs), torch.cat(sigmas)
 
 
@@ -195,7 +197,8 @@ def main(argv=None):
     zi.free_text_encoder()
     dit = zi.transformer
     dit.gradient_checkpointing = args.gradient_checkpointing
-    pool_x, pool_sigma = trajectory_pool(zi, cer_feats[0], args.pool, args.seed, height, width, steps_turbo)
+    pool_x, pool_sigma = trajectory_pool(zi, cer_feats[0], cnull, args.pool, args.seed, height, width,
+                                         steps_turbo, zi.defaults.get("guidance", 0.0))
 
     params = Z.add_lora(dit, spec, seed=args.seed)
     opt = torch.optim.AdamW(params, lr=args.lr)

@@ -1,0 +1,73 @@
+"""
+Erasure on the embedded tiny model, end to end: train with the defaults (`python train.py --concept X`,
+timed as a user runs it), then score with the concept classifier (evaluate.py). Prints one table.
+
+    python bench/erasure.py                  # Van Gogh (gated and --no-gate), star, red, and the merge
+    python bench/erasure.py --json out/erasure.json
+
+Rows: a style, an entity and a colour with the paper's defaults; Van Gogh again with --no-gate (the naive
+LoRA on the shared projections, side by side); and the two LoRAs for Van Gogh and star averaged (Eq. 63).
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import evaluate as E  # noqa: E402
+import model as M  # noqa: E402
+import zerase as Z  # noqa: E402
+from tiny.classifier import load_classifier  # noqa: E402
+
+RUNS = [("Van Gogh", []), ("Van Gogh", ["--no-gate"]), ("star", []), ("red", [])]
+
+
+def train(concept: str, extra: list[str], out: Path) -> float:
+    t0 = time.time()
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "--concept", concept, "--out", str(out), *extra],
+                   check=True, cwd=ROOT, stderr=subprocess.DEVNULL)
+    return time.time() - t0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "out" / "erasure"), help="where the LoRAs go")
+    p.add_argument("--prompts", type=int, default=20)
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--json")
+    args = p.parse_args()
+    out, seeds = Path(args.out), list(range(args.seeds))
+    base, clf = M.load_zimage(E.DEFAULT_MODEL), load_classifier()
+    rows, files = [], {}
+    for concept, extra in RUNS:
+        name = concept.lower().replace(" ", "-") + ("-nogate" if extra else "")
+        files[name] = out / f"{name}.safetensors"
+        secs = train(concept, extra, files[name])
+        erased = M.load_zimage(E.DEFAULT_MODEL)
+        Z.apply_loras(erased.transformer, [files[name]])
+        r = E.erasure_report(base, erased, clf, concept, args.prompts, seeds)
+        r.update(run=" ".join([concept] + extra), train_seconds=round(secs, 1))
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    merged = M.load_zimage(E.DEFAULT_MODEL)
+    Z.apply_loras(merged.transformer, [files["van-gogh"], files["star"]])  # w_i = 1/2 (Eq. 63)
+    for concept in ("Van Gogh", "star"):
+        r = E.erasure_report(base, merged, clf, concept, args.prompts, seeds)
+        r.update(run=f"{concept} (merged Van Gogh + star)", train_seconds=None)
+        rows.append(r)
+    print(f"\n{'run':<34} {'train s':>7} {'Acc_e base->erased':>19} {'Acc_ir base->erased':>20} {'H_a':>6} "
+          f"{'FD':>7}  robustness Acc_e (alias/misspelling/held-out/templates)")
+    for r in rows:
+        rob = "/".join(f"{v:.2f}" for v in r["robustness_Acc_e"].values())
+        secs = f"{r['train_seconds']:.0f}" if r["train_seconds"] else "-"
+        print(f"{r['run']:<34} {secs:>7} {r['Acc_e']['base']:>9.3f} -> {r['Acc_e']['erased']:.3f} "
+              f"{r['Acc_ir']['base']:>10.3f} -> {r['Acc_ir']['erased']:.3f} {r['H_a']:>6.3f} {r['FD']:>7.2f}  {rob}")
+    if args.json:
+        M.atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2)))
+
+
+if __name__ == "__main__":
+    main()
