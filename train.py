@@ -6,9 +6,12 @@ Erase a concept from Z-Image with Z-Erase: train a token-gated LoRA (arXiv 2603.
     python train.py --concept church --category entity --model weights/Z-Image-Turbo --device cuda
 
 One training step (Algorithm 1, implicit mode):
-  1. draw x_t from a pool of partial Turbo trajectories of the FROZEN model under the concept prompt;
-  2. frozen references (LoRA disabled, which is exactly θ): v_θ(x_t, ∅), v_θ(x_t, c_er), v_θ(x_t, c_pr);
-  3. with the LoRA: L_er = L_erase (Eq. 5) + L_attn (Eq. 6) on a word-shuffled concept prompt, L_pr (Eq. 8);
+  1. draw x_t from a pool of partial Turbo trajectories of the FROZEN model under the concept prompt, and
+     x_pr from trajectories under the preservation prompts (each with the prompt c_pr that made it);
+  2. frozen references (LoRA disabled, which is exactly θ): v_θ(x_t, ∅), v_θ(x_t, c_er), v_θ(x_pr, ∅),
+     v_θ(x_pr, c_pr);
+  3. with the LoRA: L_er = L_erase (Eq. 5) + L_attn (Eq. 6) on a word-shuffled concept prompt, L_pr (Eq. 8)
+     on (x_pr, ∅) and (x_pr, c_pr);
   4. update the LoRA with L_total = L_er + λ L_pr (AdamW, lr α);
   5. measure L_pr again on the SAME batch after the update, g̃ = (L_pr before - L_pr after)/α + ε (Eq. 15),
      and λ ← max(0, λ - β g̃) for the next step.
@@ -108,51 +111,56 @@ def preservation_prompts(zi: M.ZImage, args) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 # One step
 
-def forward_losses(dit, spec: Z.LoRASpec, x_t, t, cer, cer_tokens, cpr, cnull, refs, eta, losses):
-    """L_erase, L_attn, L_pr with the LoRA on; one batched DiT call for [c_er, ∅, c_pr]."""
-    x3 = x_t.expand(3, -1, -1, -1)
-    caps = [cer, cnull, cpr]
-    lay = dit.layout([tuple(x_t.shape[-2:])] * 3, [len(c) for c in caps])
-    probe = Z.AttentionProbe(lay, [cer_tokens, [], []])
+def forward_losses(dit, spec: Z.LoRASpec, batch: dict, refs, eta, losses):
+    """L_erase, L_attn, L_pr with the LoRA on: one batched DiT call for (x_t, c_er), (x_pr, ∅), (x_pr, c_pr)."""
+    x = torch.cat([batch["x_t"], batch["x_pr"], batch["x_pr"]])
+    t = torch.cat([batch["t"], batch["t_pr"], batch["t_pr"]])
+    caps = [batch["cer"], batch["cnull"], batch["cpr"]]
+    lay = dit.layout([tuple(x.shape[-2:])] * 3, [len(c) for c in caps])
+    probe = Z.AttentionProbe(lay, [batch["cer_tokens"], [], []])
     with Z.attention_probe(dit, spec.layers if "attn" in losses else (), probe):
-        v = dit(x3, t.expand(3), caps)
-    v_null, v_cer, v_cpr = refs
+        v = dit(x, t, caps)
     zero = v.new_zeros(()).float()
-    L_erase = Z.erase_loss(v[0], Z.erase_target(v_null, v_cer, eta)) if "erase" in losses else zero  # Eq. 5
+    L_erase = Z.erase_loss(v[0], Z.erase_target(refs["null"], refs["cer"], eta)) if "erase" in losses else zero
     L_attn = probe.loss() if "attn" in losses else zero  # Eq. 6
-    L_pr = Z.preservation_loss(v[1], v_null) + Z.preservation_loss(v[2], v_cpr)  # Eq. 8
-    return L_erase, L_attn, L_pr
+    L_pr = Z.preservation_loss(v[1], refs["pr_null"]) + Z.preservation_loss(v[2], refs["pr"])  # Eq. 8
+    return L_erase, L_attn, L_pr  # Eq. 5 is L_erase
 
 
 @torch.no_grad()
-def references(dit, x_t, t, cer, cpr, cnull):
-    """Frozen-model predictions (LoRA disabled = θ exactly): v_θ(x_t, ∅), v_θ(x_t, c_er), v_θ(x_t, c_pr)."""
+def references(dit, batch: dict) -> dict:
+    """Frozen-model predictions (LoRA disabled = θ exactly): v_θ(x_t, ∅) and v_θ(x_t, c_er) for the erase
+    target (Eq. 5); v_θ(x_pr, ∅) and v_θ(x_pr, c_pr) for the preservation loss (Eq. 8)."""
+    x = torch.cat([batch["x_t"], batch["x_t"], batch["x_pr"], batch["x_pr"]])
+    t = torch.cat([batch["t"], batch["t"], batch["t_pr"], batch["t_pr"]])
     with Z.lora_disabled(dit):
-        v = dit(x_t.expand(3, -1, -1, -1), t.expand(3), [cnull, cer, cpr])
-    return v[0], v[1], v[2]
+        v = dit(x, t, [batch["cnull"], batch["cer"], batch["cnull"], batch["cpr"]])
+    return {"null": v[0], "cer": v[1], "pr_null": v[2], "pr": v[3]}
 
 
 @torch.no_grad()
-def preservation_after(dit, x_t, t, cpr, cnull, refs) -> float:
+def preservation_after(dit, batch: dict, refs: dict) -> float:
     """L_pr on the same batch after the update: the second measurement g̃ needs (Eq. 15)."""
-    v = dit(x_t.expand(2, -1, -1, -1), t.expand(2), [cnull, cpr])
-    return (Z.preservation_loss(v[0], refs[0]) + Z.preservation_loss(v[1], refs[2])).item()
+    v = dit(torch.cat([batch["x_pr"], batch["x_pr"]]), torch.cat([batch["t_pr"], batch["t_pr"]]),
+            [batch["cnull"], batch["cpr"]])
+    return (Z.preservation_loss(v[0], refs["pr_null"]) + Z.preservation_loss(v[1], refs["pr"])).item()
 
 
-def trajectory_pool(zi: M.ZImage, cond: torch.Tensor, cnull: torch.Tensor, n: int, seed: int, height: int,
+def trajectory_pool(zi: M.ZImage, conds: list[torch.Tensor], cnull: torch.Tensor, seed: int, height: int,
                     width: int, steps: int, guidance: float):
-    """x_t from partial Turbo trajectories of the frozen model under the concept prompt: for n seeded
-    noises, every state x_{σ_k} the sampler visits (k = 0..steps-1), with its σ_k. The trajectories are
-    sampled as sample.py samples (the model's stored steps and guidance; Turbo: 8 steps, no CFG)."""
+    """Partial trajectories of the frozen model: for len(conds) seeded noises, trajectory i sampled under
+    conds[i] as sample.py samples (the model's stored steps and guidance; Turbo: 8 steps, no CFG), and
+    every state x_{σ_k} it visits (k = 0..steps-1). Returns states (steps*n, C, h, w), their σ (steps*n,)
+    and the prompt index of each state (its trajectory i)."""
+    n = len(conds)
     sig = turbo_sigmas(steps, zi.scheduler.shift)
-    noise = initial_noise(n, zi.transformer.cfg.in_channels, height, width, zi.vae_scale_factor, seed)
+    x = initial_noise(n, zi.transformer.cfg.in_channels, height, width, zi.vae_scale_factor, seed).to(zi.device)
     xs, sigmas = [], []
-    x = noise.to(zi.device)
     for k in range(steps):
         xs.append(x.clone())
         sigmas.append(torch.full((n,), sig[k].item()))
-        x = denoise(zi.transformer, x, [cond] * n, sig[k:k + 2], [cnull] * n, guidance)  # one frozen Euler step
-    return torch.cat(xs), torch.cat(sigmas)
+        x = denoise(zi.transformer, x, conds, sig[k:k + 2], [cnull] * n, guidance)  # one frozen Euler step
+    return torch.cat(xs), torch.cat(sigmas), torch.arange(n).repeat(steps)
 
 
 def main(argv=None):
@@ -197,8 +205,14 @@ def main(argv=None):
     zi.free_text_encoder()
     dit = zi.transformer
     dit.gradient_checkpointing = args.gradient_checkpointing
-    pool_x, pool_sigma = trajectory_pool(zi, cer_feats[0], cnull, args.pool, args.seed, height, width,
-                                         steps_turbo, zi.defaults.get("guidance", 0.0))
+    # x_t for the erase loss: trajectories under the concept prompt (ESD-style); x_pr for the preservation
+    # loss: trajectories under the preservation prompts, so L_pr holds the model where those prompts go.
+    guidance = zi.defaults.get("guidance", 0.0)
+    pool_x, pool_sigma, _ = trajectory_pool(zi, [cer_feats[0]] * args.pool, cnull, args.seed, height, width,
+                                            steps_turbo, guidance)
+    pr_conds = [cpr_feats[i % len(cpr_feats)] for i in range(args.pool)]
+    pr_x, pr_sigma, pr_idx = trajectory_pool(zi, pr_conds, cnull, args.seed + 1, height, width, steps_turbo,
+                                             guidance)
 
     params = Z.add_lora(dit, spec, seed=args.seed)
     opt = torch.optim.AdamW(params, lr=args.lr)
@@ -217,14 +231,12 @@ def main(argv=None):
     t_start = time.time()
     while step < args.steps:
         g = random.Random(args.seed * 1_000_003 + step)  # everything a step draws is a function of the step
-        j = g.randrange(len(pool_x))
-        x_t, sigma = pool_x[j:j + 1], pool_sigma[j:j + 1].to(device)
-        t = 1 - sigma  # the DiT's time
-        v = g.randrange(len(cer_feats))
-        cer, toks, cpr = cer_feats[v], cer_tokens[v], cpr_feats[g.randrange(len(cpr_feats))]
-        refs = references(dit, x_t, t, cer, cpr, cnull)
-
-        L_erase, L_attn, L_pr = forward_losses(dit, spec, x_t, t, cer, toks, cpr, cnull, refs, args.eta, losses)
+        j, jp, v = g.randrange(len(pool_x)), g.randrange(len(pr_x)), g.randrange(len(cer_feats))
+        batch = {"x_t": pool_x[j:j + 1], "t": 1 - pool_sigma[j:j + 1].to(device),  # the DiT's time t = 1 - σ
+                 "x_pr": pr_x[jp:jp + 1], "t_pr": 1 - pr_sigma[jp:jp + 1].to(device),
+                 "cer": cer_feats[v], "cer_tokens": cer_tokens[v], "cpr": pr_conds[pr_idx[jp]], "cnull": cnull}
+        refs = references(dit, batch)
+        L_erase, L_attn, L_pr = forward_losses(dit, spec, batch, refs, args.eta, losses)
         L_er = L_erase + L_attn  # Eq. 7
         use_pr = "pr" in losses
         if not all(math.isfinite(x.item()) for x in (L_erase, L_attn, L_pr)):
@@ -247,7 +259,7 @@ def main(argv=None):
         rec = {"step": step + 1, "L_erase": L_erase.item(), "L_attn": L_attn.item(), "L_pr": L_pr.item(),
                "lambda": lam}
         if args.mode == "implicit" and use_pr and args.fixed_lambda is None:
-            L_pr_after = preservation_after(dit, x_t, t, cpr, cnull, refs)
+            L_pr_after = preservation_after(dit, batch, refs)
             gt = Z.g_tilde(L_pr.item(), L_pr_after, args.lr, eps)  # Eq. 15, same batch before/after
             lam = Z.update_lambda(lam, gt, args.beta)  # λ ← max(0, λ - β g̃)
             rec.update(L_pr_after=L_pr_after, g_tilde=gt)
