@@ -25,3 +25,13 @@ def random_ckpt_bf16_te(tmp_path_factory):
         te_dtype=torch.bfloat16,
         te_rope_at_top_level=True,
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Every model in the tests is tiny: one torch thread is faster than two, and far faster when the
+    other core is busy (two threads then spin-wait for each other)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,16 +15,6 @@ from tiny.classifier import (DEFAULT_PATH, HEADS, ClassifierConfig, ConceptClass
 FRESH_SEED = 424242     # a world seed used neither for training (0) nor for held-out evaluation (1000)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices (128×128 eigh, 64-image batches) run far slower on contended cores with several
-    threads than with one; restore the previous setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def classifier() -> ConceptClassifier:
     return load_classifier()

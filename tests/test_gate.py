@@ -24,13 +24,6 @@ import zerase as Z
 # Helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The model is tiny: one thread is faster than two, and much faster when the other core is busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def pad32(n: int) -> int:

@@ -20,13 +20,6 @@ SPEC = Z.LoRASpec(layers=(0, 1), rank=4, alpha=4.0)
 # Helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The model is tiny: one thread is faster than two, and much faster when the other core is busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def load_dit(ckpt) -> M.ZImageTransformer:
