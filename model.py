@@ -872,6 +872,17 @@ def load_vae(folder: Path, dtype=torch.float32, device="cpu") -> AutoencoderKL:
     return load_weights(_on_meta(lambda: AutoencoderKL(cfg)), folder, dtype, device)
 
 
+def encode_text(text_encoder: Qwen3TextEncoder, tokenizer: Tokenizer, prompts: list[str]) -> list[torch.Tensor]:
+    """Prompts -> list of (L_i, hidden) features, real tokens only; differentiable (the tiny model's
+    pretraining trains its text encoder through this)."""
+    ids = [tokenizer.encode(p)[0] for p in prompts]
+    pad = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)  # right padding, any id will do
+    for i, x in enumerate(ids):
+        pad[i, :len(x)] = torch.tensor(x)
+    h = text_encoder(pad.to(text_encoder.embed_tokens.weight.device))
+    return [h[i, :len(x)] for i, x in enumerate(ids)]
+
+
 @dataclass
 class ZImage:
     """Everything a Z-Image checkpoint directory holds, loaded."""
@@ -902,12 +913,7 @@ class ZImage:
         real tokens only (spec §3.2)."""
         if self.text_encoder is None:
             raise RuntimeError("the text encoder was freed; encode prompts before calling free_text_encoder()")
-        ids = [self.tokenizer.encode(p)[0] for p in prompts]
-        pad = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)  # right padding, any id will do
-        for i, x in enumerate(ids):
-            pad[i, :len(x)] = torch.tensor(x)
-        h = self.text_encoder(pad.to(self.device))
-        return [h[i, :len(x)].to(self.dtype) for i, x in enumerate(ids)]
+        return [h.to(self.dtype) for h in encode_text(self.text_encoder, self.tokenizer, prompts)]
 
     def free_text_encoder(self) -> None:
         self.text_encoder = None

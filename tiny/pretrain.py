@@ -143,16 +143,6 @@ def sample_sigma(n: int, shift: float, g: torch.Generator) -> torch.Tensor:
     return shift * s / (1 + (shift - 1) * s)
 
 
-def encode_captions(te: M.Qwen3TextEncoder, tok: M.Tokenizer, captions: list[str]) -> list[torch.Tensor]:
-    """As ZImage.encode_prompts, but differentiable (the tiny text encoder is trained)."""
-    ids = [tok.encode(c)[0] for c in captions]
-    pad = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
-    for i, x in enumerate(ids):
-        pad[i, :len(x)] = torch.tensor(x)
-    h = te(pad)
-    return [h[i, :len(x)] for i, x in enumerate(ids)]
-
-
 def train_dit(latents: torch.Tensor, labels: dict, tok: M.Tokenizer, work: Path, steps: int, batch: int,
               seed: int, lr: float = 5e-4, ema_decay: float = 0.999):
     torch.manual_seed(seed)
@@ -182,7 +172,7 @@ def train_dit(latents: torch.Tensor, labels: dict, tok: M.Tokenizer, work: Path,
         eps = torch.randn(x0.shape, generator=g)
         sigma = sample_sigma(batch, shift, g)
         x_sigma = (1 - sigma)[:, None, None, None] * x0 + sigma[:, None, None, None] * eps
-        v = dit(x_sigma, 1 - sigma, encode_captions(te, tok, captions))  # t = 1 - sigma
+        v = dit(x_sigma, 1 - sigma, M.encode_text(te, tok, captions))  # t = 1 - sigma
         loss = F.mse_loss(v, x0 - eps)  # v ~ x0 - eps: the sampler steps x += (sigma_next - sigma) * (-v)
         for pg in opt.param_groups:
             pg["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
