@@ -73,10 +73,20 @@ def erasure_report(zi_base, zi_erased, clf, concept: str, n: int, seeds: list[in
     cat = world.category_of(concept)
     acc_e = {"base": concept_accuracy(zi_base, clf, concept, n, seeds),
              "erased": concept_accuracy(zi_erased, clf, concept, n, seeds)}
-    ir = world.prompts_excluding(concept, n, seed=1, same_category=True)
+    # Acc_ir: the same number of held-out prompts for every other concept of the category (so no concept
+    # weighs more by chance), the same prompts and seeds for both models, and the figure per concept.
+    others = [c for c in world.CONCEPTS[cat] if c != concept]
+    per = max(2, n // 2)
+    ir = [pr for c in others for pr in world.prompts_for_concept(c, per, seed=1)]
     req = [r for _, r in ir] * len(seeds)
-    acc_ir = {k: accuracy(score(images_for(z, [p for p, _ in ir], seeds), clf), req, cat)
-              for k, z in (("base", zi_base), ("erased", zi_erased))}
+    acc_ir, by_concept = {}, {}
+    for k, z in (("base", zi_base), ("erased", zi_erased)):
+        pred = score(images_for(z, [p for p, _ in ir], seeds), clf)[cat]
+        want = torch.tensor([r[cat] for r in req])
+        acc_ir[k] = (pred == want).float().mean().item()
+        for i, c in enumerate(others):  # images are ordered seed-major: index = seed * len(ir) + prompt
+            rows = [s * len(ir) + i * per + j for s in range(len(seeds)) for j in range(per)]
+            by_concept.setdefault(c, {})[k] = (pred[rows] == want[rows]).float().mean().item()
     unrelated = [p for p, _ in world.prompts_excluding(concept, n, seed=2, same_category=False)]
     f_base = score(images_for(zi_base, unrelated, seeds), clf)["features"]
     f_erased = score(images_for(zi_erased, unrelated, seeds), clf)["features"]
@@ -84,7 +94,8 @@ def erasure_report(zi_base, zi_erased, clf, concept: str, n: int, seeds: list[in
               for s in ("alias", "misspelling", "held_out")}
     robust["robust_templates"] = concept_accuracy(zi_erased, clf, concept, n, seeds,
                                                   templates=world.ROBUST_TEMPLATES)
-    return {"concept": concept, "Acc_e": acc_e, "Acc_ir": acc_ir, "H_a": acc_ir["erased"] - acc_e["erased"],
+    return {"concept": concept, "Acc_e": acc_e, "Acc_ir": acc_ir, "Acc_ir_by_concept": by_concept,
+            "H_a": acc_ir["erased"] - acc_e["erased"],
             "FD": frechet_distance(f_base, f_erased), "robustness_Acc_e": robust}
 
 
@@ -134,6 +145,8 @@ def main(argv=None):
                       f"{r['Acc_ir']['base']:.3f} -> {r['Acc_ir']['erased']:.3f}   H_a {r['H_a']:.3f}   "
                       f"FD {r['FD']:.3f}   robustness Acc_e "
                       + " ".join(f"{k}={v:.3f}" for k, v in r["robustness_Acc_e"].items()))
+                print("  Acc_ir per concept (base -> erased): " + ", ".join(
+                    f"{c} {v['base']:.2f}->{v['erased']:.2f}" for c, v in r["Acc_ir_by_concept"].items()))
     except (M.CheckpointError, Z.LoRAFileError, ValueError) as e:
         M.die(str(e))
     if args.json:

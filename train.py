@@ -8,8 +8,8 @@ Erase a concept from Z-Image with Z-Erase: train a token-gated LoRA (arXiv 2603.
 One training step (Algorithm 1, implicit mode):
   1. draw x_t from a pool of partial Turbo trajectories of the FROZEN model under the concept prompt, and
      x_pr from trajectories under the preservation prompts (each with the prompt c_pr that made it);
-  2. frozen references (LoRA disabled, which is exactly θ): v_θ(x_t, ∅), v_θ(x_t, c_er), v_θ(x_pr, ∅),
-     v_θ(x_pr, c_pr);
+  2. frozen references (LoRA disabled, which is exactly θ): v_θ(x_t, ∅), v_θ(x_t, c_er); v_θ(x_pr, ∅) and
+     v_θ(x_pr, c_pr) are computed once for the whole preservation pool, before the LoRA exists;
   3. with the LoRA: L_er = L_erase (Eq. 5) + L_attn (Eq. 6) on a word-shuffled concept prompt, L_pr (Eq. 8)
      on (x_pr, ∅) and (x_pr, c_pr);
   4. update the LoRA with L_total = L_er + λ L_pr (AdamW, lr α);
@@ -70,6 +70,11 @@ def parse_args(argv=None):
                    "else 1024)")
     p.add_argument("--pool", type=int, default=32, help="frozen-model trajectories to draw x_t from")
     p.add_argument("--variants", type=int, default=32, help="word-shuffled concept prompts, encoded once")
+    p.add_argument("--gtilde-batch", choices=["train", "fresh"], default="train",
+                   help="where L_pr is measured before/after each update for g̃ (Eq. 15): the training batch "
+                   "(Algorithm 1) or --pr-batch fresh preservation samples the update did not see")
+    p.add_argument("--pr-batch", type=int, default=1, help="preservation samples (x_pr, c_pr) per step: the "
+                   "Monte-Carlo size of Eq. 8's expectation, and of the L_pr measured for g̃ (Eq. 15)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt.safetensors")
     p.add_argument("--checkpoint-every", type=int, default=100)
@@ -111,38 +116,51 @@ def preservation_prompts(zi: M.ZImage, args) -> list[str]:
 # One step
 
 def forward_losses(dit, spec: Z.LoRASpec, batch: dict, refs, eta, losses):
-    """L_erase, L_attn, L_pr with the LoRA on: one batched DiT call for (x_t, c_er), (x_pr, ∅), (x_pr, c_pr)."""
-    x = torch.cat([batch["x_t"], batch["x_pr"], batch["x_pr"]])
+    """L_erase, L_attn, L_pr with the LoRA on: one batched DiT call for (x_t, c_er) and the K preservation
+    samples, each twice: (x_pr, ∅) and (x_pr, c_pr)."""
+    K = len(batch["x_pr"])
+    x = torch.cat([batch["x_t"], batch["x_pr"], batch["x_pr"]])  # (1 + 2K, C, h, w)
     t = torch.cat([batch["t"], batch["t_pr"], batch["t_pr"]])
-    caps = [batch["cer"], batch["cnull"], batch["cpr"]]
-    lay = dit.layout([tuple(x.shape[-2:])] * 3, [len(c) for c in caps])
-    probe = Z.AttentionProbe(lay, [batch["cer_tokens"], [], []])
+    caps = [batch["cer"]] + [batch["cnull"]] * K + batch["cpr"]
+    lay = dit.layout([tuple(x.shape[-2:])] * len(caps), [len(c) for c in caps])
+    probe = Z.AttentionProbe(lay, [batch["cer_tokens"]] + [[]] * (2 * K))
     with Z.attention_probe(dit, spec.layers if "attn" in losses else (), probe):
         v = dit(x, t, caps)
     zero = v.new_zeros(()).float()
     L_erase = Z.erase_loss(v[0], Z.erase_target(refs["null"], refs["cer"], eta)) if "erase" in losses else zero
     L_attn = probe.loss() if "attn" in losses else zero  # Eq. 6
-    L_pr = Z.preservation_loss(v[1], refs["pr_null"]) + Z.preservation_loss(v[2], refs["pr"])  # Eq. 8
+    # Eq. 8, its expectation over C_pr estimated on the K samples
+    L_pr = Z.preservation_loss(v[1:1 + K], refs["pr_null"]) + Z.preservation_loss(v[1 + K:], refs["pr"])
     return L_erase, L_attn, L_pr  # Eq. 5 is L_erase
 
 
 @torch.no_grad()
 def references(dit, batch: dict) -> dict:
     """Frozen-model predictions (LoRA disabled = θ exactly): v_θ(x_t, ∅) and v_θ(x_t, c_er) for the erase
-    target (Eq. 5); v_θ(x_pr, ∅) and v_θ(x_pr, c_pr) for the preservation loss (Eq. 8)."""
-    x = torch.cat([batch["x_t"], batch["x_t"], batch["x_pr"], batch["x_pr"]])
-    t = torch.cat([batch["t"], batch["t"], batch["t_pr"], batch["t_pr"]])
+    target (Eq. 5), computed per step since c_er is a fresh word-shuffled variant; v_θ(x_pr, ∅) and
+    v_θ(x_pr, c_pr) for the preservation loss (Eq. 8) come with the pool (frozen_velocities)."""
     with Z.lora_disabled(dit):
-        v = dit(x, t, [batch["cnull"], batch["cer"], batch["cnull"], batch["cpr"]])
-    return {"null": v[0], "cer": v[1], "pr_null": v[2], "pr": v[3]}
+        v = dit(torch.cat([batch["x_t"], batch["x_t"]]), torch.cat([batch["t"], batch["t"]]),
+                [batch["cnull"], batch["cer"]])
+    return {"null": v[0], "cer": v[1], "pr_null": batch["ref_pr_null"], "pr": batch["ref_pr"]}
 
 
 @torch.no_grad()
-def preservation_after(dit, batch: dict, refs: dict) -> float:
-    """L_pr on the same batch after the update: the second measurement g̃ needs (Eq. 15)."""
+def frozen_velocities(dit, x: torch.Tensor, sigma: torch.Tensor, conds: list[torch.Tensor], chunk: int = 16):
+    """v_θ(x_i, c_i, t_i = 1 - σ_i) of the frozen model for every state of a pool, in chunks. Called before
+    the LoRA exists: preservation states and prompts are fixed, so their references are computed once."""
+    return torch.cat([dit(x[i:i + chunk], 1 - sigma[i:i + chunk].to(x.device), conds[i:i + chunk])
+                      for i in range(0, len(x), chunk)])
+
+
+@torch.no_grad()
+def preservation_value(dit, batch: dict) -> float:
+    """L_pr (Eq. 8) of the current LoRA on a batch of preservation samples, without gradients: the
+    measurements g̃ needs (Eq. 15), before and after an update on the same batch."""
+    K = len(batch["x_pr"])
     v = dit(torch.cat([batch["x_pr"], batch["x_pr"]]), torch.cat([batch["t_pr"], batch["t_pr"]]),
-            [batch["cnull"], batch["cpr"]])
-    return (Z.preservation_loss(v[0], refs["pr_null"]) + Z.preservation_loss(v[1], refs["pr"])).item()
+            [batch["cnull"]] * K + batch["cpr"])
+    return (Z.preservation_loss(v[:K], batch["ref_pr_null"]) + Z.preservation_loss(v[K:], batch["ref_pr"])).item()
 
 
 def trajectory_pool(zi: M.ZImage, conds: list[torch.Tensor], cnull: torch.Tensor, seed: int, height: int,
@@ -170,8 +188,10 @@ def main(argv=None):
         losses = set(args.losses.split(","))
         if not losses or not losses <= {"erase", "attn", "pr"}:
             raise ValueError(f"--losses must be a subset of erase,attn,pr (got {args.losses!r}).")
-        if min(args.steps, args.rank, args.pool, args.variants, args.checkpoint_every) < 1 or args.lr <= 0:
-            raise ValueError("--steps, --lr, --rank, --pool, --variants, --checkpoint-every must be > 0.")
+        if min(args.steps, args.rank, args.pool, args.variants, args.pr_batch, args.checkpoint_every) < 1 \
+                or args.lr <= 0:
+            raise ValueError("--steps, --lr, --rank, --pool, --variants, --pr-batch, --checkpoint-every must be "
+                             "> 0.")
         if min(args.eps if args.eps is not None else 0, args.fixed_lambda or 0) < 0:
             raise ValueError("--eps and --fixed-lambda must be >= 0 (a negative λ rewards raising L_pr).")
         zi = M.load_zimage(args.model, device, dtype, vae=False)
@@ -209,9 +229,14 @@ def main(argv=None):
     guidance = zi.defaults.get("guidance", 0.0)
     pool_x, pool_sigma, _ = trajectory_pool(zi, [cer_feats[0]] * args.pool, cnull, args.seed, height, width,
                                             steps_turbo, guidance)
-    pr_conds = [cpr_feats[i % len(cpr_feats)] for i in range(args.pool)]
+    # One trajectory per preservation prompt at least (a pool smaller than the prompt list would silently
+    # never preserve the prompts at its end).
+    pr_conds = [cpr_feats[i % len(cpr_feats)] for i in range(max(args.pool, len(cpr_feats)))]
     pr_x, pr_sigma, pr_idx = trajectory_pool(zi, pr_conds, cnull, args.seed + 1, height, width, steps_turbo,
                                              guidance)
+
+    ref_pr_null = frozen_velocities(dit, pr_x, pr_sigma, [cnull] * len(pr_x))  # v_θ(x_pr, ∅)
+    ref_pr = frozen_velocities(dit, pr_x, pr_sigma, [pr_conds[i] for i in pr_idx])  # v_θ(x_pr, c_pr)
 
     params = Z.add_lora(dit, spec, seed=args.seed)
     opt = torch.optim.AdamW(params, lr=args.lr)
@@ -227,13 +252,26 @@ def main(argv=None):
     log.writelines(line + "\n" for line in old[:step])  # resume: drop records of steps past the checkpoint
     from tqdm import tqdm
     bar = tqdm(total=args.steps, initial=step, desc=f"erasing {args.concept!r}")
+    def pr_batch(jp: list[int]) -> dict:
+        """Preservation samples jp of the pool with their prompts and frozen references."""
+        return {"x_pr": pr_x[jp], "t_pr": 1 - pr_sigma[jp].to(device), "cnull": cnull,
+                "cpr": [pr_conds[pr_idx[i]] for i in jp], "ref_pr_null": ref_pr_null[jp], "ref_pr": ref_pr[jp]}
+
+    implicit = args.mode == "implicit" and "pr" in losses and args.fixed_lambda is None
     t_start = time.time()
     while step < args.steps:
         g = random.Random(args.seed * 1_000_003 + step)  # everything a step draws is a function of the step
-        j, jp, v = g.randrange(len(pool_x)), g.randrange(len(pr_x)), g.randrange(len(cer_feats))
+        j, v = g.randrange(len(pool_x)), g.randrange(len(cer_feats))
         batch = {"x_t": pool_x[j:j + 1], "t": 1 - pool_sigma[j:j + 1].to(device),  # the DiT's time t = 1 - σ
-                 "x_pr": pr_x[jp:jp + 1], "t_pr": 1 - pr_sigma[jp:jp + 1].to(device),
-                 "cer": cer_feats[v], "cer_tokens": cer_tokens[v], "cpr": pr_conds[pr_idx[jp]], "cnull": cnull}
+                 "cer": cer_feats[v], "cer_tokens": cer_tokens[v],
+                 **pr_batch([g.randrange(len(pr_x)) for _ in range(args.pr_batch)])}
+        # The batch g̃ is measured on (before and after the update): the training batch itself (Algorithm 1
+        # as written), or, with --gtilde-batch fresh, K other preservation samples that the update did not
+        # see, so that g̃ estimates the change of the expected L_pr rather than of the batch just fitted.
+        measure = batch if args.gtilde_batch == "train" else pr_batch(
+            [g.randrange(len(pr_x)) for _ in range(args.pr_batch)])
+        if implicit and measure is not batch:
+            L_pr_before_m = preservation_value(dit, measure)
         refs = references(dit, batch)
         L_erase, L_attn, L_pr = forward_losses(dit, spec, batch, refs, args.eta, losses)
         L_er = L_erase + L_attn  # Eq. 7
@@ -257,11 +295,14 @@ def main(argv=None):
 
         rec = {"step": step + 1, "L_erase": L_erase.item(), "L_attn": L_attn.item(), "L_pr": L_pr.item(),
                "lambda": lam}
-        if args.mode == "implicit" and use_pr and args.fixed_lambda is None:
-            L_pr_after = preservation_after(dit, batch, refs)
-            gt = Z.g_tilde(L_pr.item(), L_pr_after, args.lr, eps)  # Eq. 15, same batch before/after
+        if implicit:
+            L_pr_before = L_pr.item() if measure is batch else L_pr_before_m
+            L_pr_after = preservation_value(dit, measure)
+            gt = Z.g_tilde(L_pr_before, L_pr_after, args.lr, eps)  # Eq. 15, same batch before/after
             lam = Z.update_lambda(lam, gt, args.beta)  # λ ← max(0, λ - β g̃)
             rec.update(L_pr_after=L_pr_after, g_tilde=gt)
+            if measure is not batch:
+                rec.update(L_pr_before_measured=L_pr_before)
         step += 1
         log.write(json.dumps(rec) + "\n")
         bar.set_postfix(L_er=f"{L_er.item():.4f}", L_attn=f"{L_attn.item():.3f}", L_pr=f"{L_pr.item():.2e}",
@@ -275,7 +316,8 @@ def main(argv=None):
     log.close()
     meta = {"concept": args.concept, "category": args.category, "aliases": aliases, "eps": eps, "eta": args.eta,
             "lr": args.lr, "beta": args.beta, "steps": args.steps, "mode": args.mode, "losses": sorted(losses),
-            "fixed_lambda": args.fixed_lambda, "seed": args.seed, "pool": args.pool,
+            "fixed_lambda": args.fixed_lambda, "seed": args.seed, "pool": args.pool, "pr_batch": args.pr_batch,
+            "gtilde_batch": args.gtilde_batch,
             "train_seconds": round(time.time() - t_start, 1)}
     Z.save_lora(out, dit, spec, base=Z.base_fingerprint(dit), settings=meta)
     print(f"wrote {out} ({sum(p.numel() for p in params):,} parameters; log {log_path})")

@@ -38,13 +38,20 @@ def main():
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--json")
+    p.add_argument("--runs", help="comma-separated subset of: van-gogh,van-gogh-nogate,star,red,merged")
+    p.add_argument("--train-args", default="", help="extra train.py flags for every run (experiments), "
+                   "e.g. \"--fixed-lambda 10\"")
     args = p.parse_args()
+    wanted = set(args.runs.split(",")) if args.runs else None
     out, seeds = Path(args.out), list(range(args.seeds))
     base, clf = M.load_zimage(E.DEFAULT_MODEL), load_classifier()
     rows, files = [], {}
     for concept, extra in RUNS:
         name = concept.lower().replace(" ", "-") + ("-nogate" if extra else "")
         files[name] = out / f"{name}.safetensors"
+        if wanted is not None and name not in wanted:
+            continue
+        extra = extra + args.train_args.split()
         secs = train(concept, extra, files[name])
         erased = M.load_zimage(E.DEFAULT_MODEL)
         Z.apply_loras(erased.transformer, [files[name]])
@@ -53,8 +60,9 @@ def main():
         rows.append(r)
         print(json.dumps(r), flush=True)
     merged = M.load_zimage(E.DEFAULT_MODEL)
-    Z.apply_loras(merged.transformer, [files["van-gogh"], files["star"]])  # w_i = 1/2 (Eq. 63)
-    for concept in ("Van Gogh", "star"):
+    if wanted is None or "merged" in wanted:
+        Z.apply_loras(merged.transformer, [files["van-gogh"], files["star"]])  # w_i = 1/2 (Eq. 63)
+    for concept in ("Van Gogh", "star") if wanted is None or "merged" in wanted else ():
         r = E.erasure_report(base, merged, clf, concept, args.prompts, seeds)
         r.update(run=f"{concept} (merged Van Gogh + star)", train_seconds=None)
         rows.append(r)
@@ -65,6 +73,10 @@ def main():
         secs = f"{r['train_seconds']:.0f}" if r["train_seconds"] else "-"
         print(f"{r['run']:<34} {secs:>7} {r['Acc_e']['base']:>9.3f} -> {r['Acc_e']['erased']:.3f} "
               f"{r['Acc_ir']['base']:>10.3f} -> {r['Acc_ir']['erased']:.3f} {r['H_a']:>6.3f} {r['FD']:>7.2f}  {rob}")
+    print("\nAcc_ir per other concept of the category, base -> erased:")
+    for r in rows:
+        print(f"  {r['run']}: " + ", ".join(f"{c} {v['base']:.2f}->{v['erased']:.2f}"
+                                           for c, v in r["Acc_ir_by_concept"].items()))
     if args.json:
         M.atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2)))
 

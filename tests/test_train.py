@@ -81,6 +81,22 @@ def test_the_logged_lambda_follows_the_implicit_update_of_eq_15(reference):
         assert cur["lambda"] == pytest.approx(max(0.0, prev["lambda"] - beta * g), rel=1e-9, abs=1e-12)
 
 
+def test_with_a_fresh_measurement_batch_g_tilde_comes_from_samples_the_update_did_not_fit(random_ckpt,
+                                                                                          tmp_path):
+    """--gtilde-batch fresh: g̃ = (L_pr before - after)/α + ε on a separate preservation batch, measured
+    before and after the same update, and λ follows Eq. 13 from it; the training batch's L_pr is not it."""
+    alpha, beta = 1e-3, 0.1
+    out = tmp_path / "fresh.safetensors"
+    train.main(args(random_ckpt, out, "--steps", "4", "--eps", "0", "--gtilde-batch", "fresh"))
+    recs = log_records(out)
+    for prev, cur in zip(recs, recs[1:]):
+        g = (prev["L_pr_before_measured"] - prev["L_pr_after"]) / alpha
+        assert prev["g_tilde"] == pytest.approx(g, rel=1e-9, abs=1e-12)
+        assert cur["lambda"] == pytest.approx(max(0.0, prev["lambda"] - beta * g), rel=1e-9, abs=1e-12)
+    assert any(r["L_pr_before_measured"] != r["L_pr"] for r in recs[1:])  # another batch than the fitted one
+    assert json.loads(Z.read_lora(out)[1]["settings"])["gtilde_batch"] == "fresh"
+
+
 def test_within_a_generous_tolerance_lambda_stays_at_zero_not_below(random_ckpt, tmp_path):
     """With ε = 1 (g̃ > 0 at every step) the projection of Eq. 13 keeps λ at exactly 0, never below."""
     out = tmp_path / "eps1.safetensors"
@@ -209,6 +225,26 @@ def test_no_gate_trains_an_ungated_lora(random_ckpt, tmp_path):
     _, meta = Z.read_lora(out)
     assert meta["gate"] == "none" and not meta["gated"]
     assert len(log_records(out)) == 2
+
+
+def test_every_preservation_prompt_gets_a_trajectory_and_pr_batch_draws_several(random_ckpt, tmp_path,
+                                                                                 monkeypatch):
+    """With more --preserve prompts than --pool, each prompt still gets its own frozen trajectory (a pool
+    cut at --pool would never preserve the last ones), and --pr-batch K puts K of them in every step."""
+    pools, batches = [], []
+    real_pool, real_value = train.trajectory_pool, train.preservation_value
+    monkeypatch.setattr(train, "trajectory_pool", lambda zi, conds, *a: pools.append(len(conds)) or
+                        real_pool(zi, conds, *a))
+    monkeypatch.setattr(train, "preservation_value", lambda dit, batch: batches.append(
+        (len(batch["x_pr"]), len(batch["cpr"]), len(batch["ref_pr"]))) or real_value(dit, batch))
+    prompts = ["a red square", "a blue star", "a green tree", "a pink moon", "a cyan heart"]
+    out = tmp_path / "prbatch.safetensors"
+    train.main(args(random_ckpt, out, "--steps", "2", "--pr-batch", "3",
+                    *[a for p in prompts for a in ("--preserve", p)]))
+    assert pools == [2, 5]  # the concept pool (--pool 2), then one trajectory per preservation prompt
+    assert batches == [(3, 3, 3)] * 2
+    assert json.loads(Z.read_lora(out)[1]["settings"])["pr_batch"] == 3
+    assert all(math.isfinite(r["L_pr"]) for r in log_records(out))
 
 
 # ---------------------------------------------------------------------------------------------------
