@@ -13,8 +13,11 @@ One training step (Algorithm 1, implicit mode):
   3. with the LoRA: L_er = L_erase (Eq. 5) + L_attn (Eq. 6) on a word-shuffled concept prompt, L_pr (Eq. 8)
      on (x_pr, ∅) and (x_pr, c_pr);
   4. update the LoRA with L_total = L_er + λ L_pr (AdamW, lr α);
-  5. measure L_pr again on the SAME batch after the update, g̃ = (L_pr before - L_pr after)/α + ε (Eq. 15),
-     and λ ← max(0, λ - β g̃) for the next step.
+  5. g̃ = (L_pr before - L_pr after)/α + ε (Eq. 15), L_pr measured on the SAME batch before and after the
+     update; λ ← max(0, λ - β g̃) for the next step. By default that batch is --pr-batch preservation
+     samples the update did not fit (--gtilde-batch fresh): measured on the training batch itself
+     (Algorithm 1 read literally) the update's own λ∇L_pr term lowers that batch's L_pr, g̃ reads as
+     "constraint satisfied" while L_pr rises on every other sample, and λ decays to ~0 (README).
 Prompts are encoded once and the text encoder is freed; the VAE is never loaded.
 """
 from __future__ import annotations
@@ -70,10 +73,11 @@ def parse_args(argv=None):
                    "else 1024)")
     p.add_argument("--pool", type=int, default=32, help="frozen-model trajectories to draw x_t from")
     p.add_argument("--variants", type=int, default=32, help="word-shuffled concept prompts, encoded once")
-    p.add_argument("--gtilde-batch", choices=["train", "fresh"], default="train",
-                   help="where L_pr is measured before/after each update for g̃ (Eq. 15): the training batch "
-                   "(Algorithm 1) or --pr-batch fresh preservation samples the update did not see")
-    p.add_argument("--pr-batch", type=int, default=1, help="preservation samples (x_pr, c_pr) per step: the "
+    p.add_argument("--gtilde-batch", choices=["train", "fresh"], default="fresh",
+                   help="where L_pr is measured before/after each update for g̃ (Eq. 15): --pr-batch fresh "
+                   "preservation samples the update did not see (default), or the training batch itself "
+                   "(Algorithm 1 read literally; it lets λ decay to ~0, see README)")
+    p.add_argument("--pr-batch", type=int, default=2, help="preservation samples (x_pr, c_pr) per step: the "
                    "Monte-Carlo size of Eq. 8's expectation, and of the L_pr measured for g̃ (Eq. 15)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt.safetensors")

@@ -76,25 +76,30 @@ def test_the_logged_lambda_follows_the_implicit_update_of_eq_15(reference):
     recs = log_records(reference)
     assert recs[0]["lambda"] == 0.0
     for prev, cur in zip(recs, recs[1:]):
-        g = (prev["L_pr"] - prev["L_pr_after"]) / alpha + eps
+        g = (prev["L_pr_before_measured"] - prev["L_pr_after"]) / alpha + eps  # default: --gtilde-batch fresh
         assert prev["g_tilde"] == pytest.approx(g, rel=1e-9, abs=1e-12)
         assert cur["lambda"] == pytest.approx(max(0.0, prev["lambda"] - beta * g), rel=1e-9, abs=1e-12)
 
 
-def test_with_a_fresh_measurement_batch_g_tilde_comes_from_samples_the_update_did_not_fit(random_ckpt,
-                                                                                          tmp_path):
+@pytest.mark.parametrize("where", ["fresh", "train"])
+def test_g_tilde_is_measured_on_the_chosen_batch_before_and_after_the_update(random_ckpt, tmp_path, where):
     """--gtilde-batch fresh: g̃ = (L_pr before - after)/α + ε on a separate preservation batch, measured
-    before and after the same update, and λ follows Eq. 13 from it; the training batch's L_pr is not it."""
+    before and after the same update; train (Algorithm 1 literally): on the training batch, whose L_pr
+    (before) is the one the step was trained on. λ follows Eq. 13 from that g̃ either way."""
     alpha, beta = 1e-3, 0.1
-    out = tmp_path / "fresh.safetensors"
-    train.main(args(random_ckpt, out, "--steps", "4", "--eps", "0", "--gtilde-batch", "fresh"))
+    out = tmp_path / f"{where}.safetensors"
+    train.main(args(random_ckpt, out, "--steps", "4", "--eps", "0", "--gtilde-batch", where))
     recs = log_records(out)
+    before = "L_pr_before_measured" if where == "fresh" else "L_pr"
     for prev, cur in zip(recs, recs[1:]):
-        g = (prev["L_pr_before_measured"] - prev["L_pr_after"]) / alpha
+        g = (prev[before] - prev["L_pr_after"]) / alpha
         assert prev["g_tilde"] == pytest.approx(g, rel=1e-9, abs=1e-12)
         assert cur["lambda"] == pytest.approx(max(0.0, prev["lambda"] - beta * g), rel=1e-9, abs=1e-12)
-    assert any(r["L_pr_before_measured"] != r["L_pr"] for r in recs[1:])  # another batch than the fitted one
-    assert json.loads(Z.read_lora(out)[1]["settings"])["gtilde_batch"] == "fresh"
+    if where == "fresh":  # another batch than the fitted one
+        assert any(r["L_pr_before_measured"] != r["L_pr"] for r in recs[1:])
+    else:
+        assert all("L_pr_before_measured" not in r for r in recs)
+    assert json.loads(Z.read_lora(out)[1]["settings"])["gtilde_batch"] == where
 
 
 def test_within_a_generous_tolerance_lambda_stays_at_zero_not_below(random_ckpt, tmp_path):
@@ -242,7 +247,7 @@ def test_every_preservation_prompt_gets_a_trajectory_and_pr_batch_draws_several(
     train.main(args(random_ckpt, out, "--steps", "2", "--pr-batch", "3",
                     *[a for p in prompts for a in ("--preserve", p)]))
     assert pools == [2, 5]  # the concept pool (--pool 2), then one trajectory per preservation prompt
-    assert batches == [(3, 3, 3)] * 2
+    assert batches == [(3, 3, 3)] * 4  # per step: the measurement batch, before and after the update
     assert json.loads(Z.read_lora(out)[1]["settings"])["pr_batch"] == 3
     assert all(math.isfinite(r["L_pr"]) for r in log_records(out))
 
