@@ -287,7 +287,7 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=40_000)
     p.add_argument("--vae-steps", type=int, default=2000)
     p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--dit-steps", type=int, default=9000)
+    p.add_argument("--dit-steps", type=int, default=12000)
     p.add_argument("--dit-batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default). The documented "
                    "run used 2 on an otherwise idle 2-core machine; use 1 if other jobs share the CPU (more "
