@@ -133,20 +133,21 @@ def forward_losses(dit, spec: Z.LoRASpec, batch: dict, refs, eta, losses):
     zero = v.new_zeros(()).float()
     L_erase = Z.erase_loss(v[0], Z.erase_target(refs["null"], refs["cer"], eta)) if "erase" in losses else zero
     L_attn = probe.loss() if "attn" in losses else zero  # Eq. 6
-    # Eq. 8, its expectation over C_pr estimated on the K samples
-    L_pr = Z.preservation_loss(v[1:1 + K], refs["pr_null"]) + Z.preservation_loss(v[1 + K:], refs["pr"])
+    # Eq. 8, its expectation over C_pr estimated on the K samples (frozen references come with the pool)
+    L_pr = (Z.preservation_loss(v[1:1 + K], batch["ref_pr_null"])
+            + Z.preservation_loss(v[1 + K:], batch["ref_pr"]))
     return L_erase, L_attn, L_pr  # Eq. 5 is L_erase
 
 
 @torch.no_grad()
 def references(dit, batch: dict) -> dict:
     """Frozen-model predictions (LoRA disabled = θ exactly): v_θ(x_t, ∅) and v_θ(x_t, c_er) for the erase
-    target (Eq. 5), computed per step since c_er is a fresh word-shuffled variant; v_θ(x_pr, ∅) and
-    v_θ(x_pr, c_pr) for the preservation loss (Eq. 8) come with the pool (frozen_velocities)."""
+    target (Eq. 5), computed per step since c_er is a fresh word-shuffled variant. (v_θ(x_pr, ∅) and
+    v_θ(x_pr, c_pr) for Eq. 8 come with the pool: frozen_velocities, batch["ref_pr_null"], batch["ref_pr"].)"""
     with Z.lora_disabled(dit):
         v = dit(torch.cat([batch["x_t"], batch["x_t"]]), torch.cat([batch["t"], batch["t"]]),
                 [batch["cnull"], batch["cer"]])
-    return {"null": v[0], "cer": v[1], "pr_null": batch["ref_pr_null"], "pr": batch["ref_pr"]}
+    return {"null": v[0], "cer": v[1]}
 
 
 @torch.no_grad()

@@ -24,8 +24,6 @@ import zerase as Z
 # Helpers
 
 
-
-
 def pad32(n: int) -> int:
     return -(-n // 32) * 32
 

@@ -20,8 +20,6 @@ SPEC = Z.LoRASpec(layers=(0, 1), rank=4, alpha=4.0)
 # Helpers
 
 
-
-
 def load_dit(ckpt) -> M.ZImageTransformer:
     return M.load_zimage(ckpt, text_encoder=False, vae=False).transformer
 

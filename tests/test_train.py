@@ -22,8 +22,6 @@ import zerase as Z
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
-
 def args(ckpt, out, *extra) -> list[str]:
     return ["--concept", "circle", "--model", str(ckpt), "--category", "entity", "--resolution", "32",
             "--pool", "2", "--variants", "4", "--out", str(out), *extra]

@@ -10,9 +10,9 @@ Stages (each checkpointed under --work, so a run that is cut off resumes where i
   1. tokenizer: a Qwen-style byte-level BPE on the world's caption text (tiny/tokenizer.py);
   2. data: N world images (uint8) and their labels (captions are redrawn every step);
   3. vae: an AutoencoderKL of the real architecture with 3 levels instead of 4 and 4 latent channels instead
-     of 16 (4x downsampling: a 64x64 image is 4x16x16 latents, 64 DiT tokens of 2x2x4 values), trained on reconstruction + a small KL
-     on random 32x32 crops (the VAE is convolutional, so crops cost a quarter and decode full images the
-     same); scaling/shift factors measured on its latents as FLUX did;
+     of 16 (4x downsampling: a 64x64 image is 4x16x16 latents, 64 DiT tokens of 2x2x4 values), trained on
+     reconstruction + a small KL on random 32x32 crops (the VAE is convolutional, so crops cost a quarter
+     and decode full images the same); scaling/shift factors measured on its latents as FLUX did;
   4. latents: every image encoded once (posterior mean, scaled: (mean - shift) * scaling);
   5. dit: the Qwen3 text encoder and the DiT trained jointly with the rectified-flow loss, in the SAME
      conventions the sampler uses: x_sigma = (1 - sigma) x0 + sigma eps, the DiT called with t = 1 - sigma
