@@ -8,8 +8,9 @@ Erase a concept from Z-Image with Z-Erase: train a token-gated LoRA (arXiv 2603.
 One training step (Algorithm 1, implicit mode):
   1. draw x_t from a pool of partial Turbo trajectories of the FROZEN model under the concept prompt, and
      x_pr from trajectories under the preservation prompts (each with the prompt c_pr that made it);
-  2. frozen references (LoRA disabled, which is exactly θ): v_θ(x_t, ∅), v_θ(x_t, c_er); v_θ(x_pr, ∅) and
-     v_θ(x_pr, c_pr) are computed once for the whole preservation pool, before the LoRA exists;
+  2. frozen references (LoRA disabled, which is exactly θ): v_θ(x_t, c_er) per step (c_er is a fresh
+     word-shuffled variant); v_θ(x_t, ∅), v_θ(x_pr, ∅) and v_θ(x_pr, c_pr) once per pool, before the LoRA
+     exists;
   3. with the LoRA: L_er = L_erase (Eq. 5) + L_attn (Eq. 6) on a word-shuffled concept prompt, L_pr (Eq. 8)
      on (x_pr, ∅) and (x_pr, c_pr);
   4. update the LoRA with L_total = L_er + λ L_pr (AdamW, lr α);
@@ -17,7 +18,9 @@ One training step (Algorithm 1, implicit mode):
      update; λ ← max(0, λ - β g̃) for the next step. By default that batch is --pr-batch preservation
      samples the update did not fit (--gtilde-batch fresh): measured on the training batch itself
      (Algorithm 1 read literally) the update's own λ∇L_pr term lowers that batch's L_pr, g̃ reads as
-     "constraint satisfied" while L_pr rises on every other sample, and λ decays to ~0 (README).
+     "constraint satisfied" while L_pr rises on every other sample, and λ decays to ~0 (README). The fresh
+     batch is renewed every other step, so one step's "after" is the next step's "before" (same batch,
+     same parameters) and costs no forward pass.
 Prompts are encoded once and the text encoder is freed; the VAE is never loaded.
 """
 from __future__ import annotations
@@ -141,19 +144,18 @@ def forward_losses(dit, spec: Z.LoRASpec, batch: dict, refs, eta, losses):
 
 @torch.no_grad()
 def references(dit, batch: dict) -> dict:
-    """Frozen-model predictions (LoRA disabled = θ exactly): v_θ(x_t, ∅) and v_θ(x_t, c_er) for the erase
-    target (Eq. 5), computed per step since c_er is a fresh word-shuffled variant. (v_θ(x_pr, ∅) and
-    v_θ(x_pr, c_pr) for Eq. 8 come with the pool: frozen_velocities, batch["ref_pr_null"], batch["ref_pr"].)"""
+    """Frozen-model predictions (LoRA disabled = θ exactly) for the erase target (Eq. 5): v_θ(x_t, c_er),
+    computed per step since c_er is a fresh word-shuffled variant, and v_θ(x_t, ∅), which comes with the
+    pool (frozen_velocities, batch["ref_null"]), as do v_θ(x_pr, ∅) and v_θ(x_pr, c_pr) for Eq. 8."""
     with Z.lora_disabled(dit):
-        v = dit(torch.cat([batch["x_t"], batch["x_t"]]), torch.cat([batch["t"], batch["t"]]),
-                [batch["cnull"], batch["cer"]])
-    return {"null": v[0], "cer": v[1]}
+        v = dit(batch["x_t"], batch["t"], [batch["cer"]])
+    return {"null": batch["ref_null"][0], "cer": v[0]}
 
 
 @torch.no_grad()
 def frozen_velocities(dit, x: torch.Tensor, sigma: torch.Tensor, conds: list[torch.Tensor], chunk: int = 16):
     """v_θ(x_i, c_i, t_i = 1 - σ_i) of the frozen model for every state of a pool, in chunks. Called before
-    the LoRA exists: preservation states and prompts are fixed, so their references are computed once."""
+    the LoRA exists: states and prompts that do not change during training get their references once."""
     return torch.cat([dit(x[i:i + chunk], 1 - sigma[i:i + chunk].to(x.device), conds[i:i + chunk])
                       for i in range(0, len(x), chunk)])
 
@@ -240,6 +242,7 @@ def main(argv=None):
     pr_x, pr_sigma, pr_idx = trajectory_pool(zi, pr_conds, cnull, args.seed + 1, height, width, steps_turbo,
                                              guidance)
 
+    ref_null = frozen_velocities(dit, pool_x, pool_sigma, [cnull] * len(pool_x))  # v_θ(x_t, ∅)
     ref_pr_null = frozen_velocities(dit, pr_x, pr_sigma, [cnull] * len(pr_x))  # v_θ(x_pr, ∅)
     ref_pr = frozen_velocities(dit, pr_x, pr_sigma, [pr_conds[i] for i in pr_idx])  # v_θ(x_pr, c_pr)
 
@@ -263,20 +266,24 @@ def main(argv=None):
                 "cpr": [pr_conds[pr_idx[i]] for i in jp], "ref_pr_null": ref_pr_null[jp], "ref_pr": ref_pr[jp]}
 
     implicit = args.mode == "implicit" and "pr" in losses and args.fixed_lambda is None
+    fresh = implicit and args.gtilde_batch == "fresh"
+    carried = None  # (step, L_pr of its measurement batch at its starting parameters), from the step before
     t_start = time.time()
     while step < args.steps:
         g = random.Random(args.seed * 1_000_003 + step)  # everything a step draws is a function of the step
         j, v = g.randrange(len(pool_x)), g.randrange(len(cer_feats))
         batch = {"x_t": pool_x[j:j + 1], "t": 1 - pool_sigma[j:j + 1].to(device),  # the DiT's time t = 1 - σ
-                 "cer": cer_feats[v], "cer_tokens": cer_tokens[v],
+                 "ref_null": ref_null[j:j + 1], "cer": cer_feats[v], "cer_tokens": cer_tokens[v],
                  **pr_batch([g.randrange(len(pr_x)) for _ in range(args.pr_batch)])}
         # The batch g̃ is measured on (before and after the update): the training batch itself (Algorithm 1
         # as written), or, with --gtilde-batch fresh, K other preservation samples that the update did not
         # see, so that g̃ estimates the change of the expected L_pr rather than of the batch just fitted.
-        measure = batch if args.gtilde_batch == "train" else pr_batch(
-            [g.randrange(len(pr_x)) for _ in range(args.pr_batch)])
-        if implicit and measure is not batch:
-            L_pr_before_m = preservation_value(dit, measure)
+        # Fresh batches are drawn per pair of steps (2p, 2p+1): step 2p's "after" is step 2p+1's "before".
+        measure = batch
+        if fresh:
+            gm = random.Random(f"{args.seed}/measure/{step // 2}")
+            measure = pr_batch([gm.randrange(len(pr_x)) for _ in range(args.pr_batch)])
+            L_pr_before_m = carried[1] if carried and carried[0] == step else preservation_value(dit, measure)
         refs = references(dit, batch)
         L_erase, L_attn, L_pr = forward_losses(dit, spec, batch, refs, args.eta, losses)
         L_er = L_erase + L_attn  # Eq. 7
@@ -301,12 +308,13 @@ def main(argv=None):
         rec = {"step": step + 1, "L_erase": L_erase.item(), "L_attn": L_attn.item(), "L_pr": L_pr.item(),
                "lambda": lam}
         if implicit:
-            L_pr_before = L_pr.item() if measure is batch else L_pr_before_m
+            L_pr_before = L_pr_before_m if fresh else L_pr.item()
             L_pr_after = preservation_value(dit, measure)
+            carried = (step + 1, L_pr_after) if fresh and step % 2 == 0 else None
             gt = Z.g_tilde(L_pr_before, L_pr_after, args.lr, eps)  # Eq. 15, same batch before/after
             lam = Z.update_lambda(lam, gt, args.beta)  # λ ← max(0, λ - β g̃)
             rec.update(L_pr_after=L_pr_after, g_tilde=gt)
-            if measure is not batch:
+            if fresh:
                 rec.update(L_pr_before_measured=L_pr_before)
         step += 1
         log.write(json.dumps(rec) + "\n")

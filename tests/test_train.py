@@ -93,8 +93,10 @@ def test_g_tilde_is_measured_on_the_chosen_batch_before_and_after_the_update(ran
         g = (prev[before] - prev["L_pr_after"]) / alpha
         assert prev["g_tilde"] == pytest.approx(g, rel=1e-9, abs=1e-12)
         assert cur["lambda"] == pytest.approx(max(0.0, prev["lambda"] - beta * g), rel=1e-9, abs=1e-12)
-    if where == "fresh":  # another batch than the fitted one
+    if where == "fresh":  # another batch than the fitted one, renewed every other step
         assert any(r["L_pr_before_measured"] != r["L_pr"] for r in recs[1:])
+        assert [r["L_pr_before_measured"] for r in recs[1::2]] == [r["L_pr_after"] for r in recs[0::2]]
+        assert recs[2]["L_pr_before_measured"] != recs[1]["L_pr_after"]
     else:
         assert all("L_pr_before_measured" not in r for r in recs)
     assert json.loads(Z.read_lora(out)[1]["settings"])["gtilde_batch"] == where
@@ -245,7 +247,8 @@ def test_every_preservation_prompt_gets_a_trajectory_and_pr_batch_draws_several(
     train.main(args(random_ckpt, out, "--steps", "2", "--pr-batch", "3",
                     *[a for p in prompts for a in ("--preserve", p)]))
     assert pools == [2, 5]  # the concept pool (--pool 2), then one trajectory per preservation prompt
-    assert batches == [(3, 3, 3)] * 4  # per step: the measurement batch, before and after the update
+    # the measurement batch before step 1, after step 1 (= before step 2, same batch and parameters), after 2
+    assert batches == [(3, 3, 3)] * 3
     assert json.loads(Z.read_lora(out)[1]["settings"])["pr_batch"] == 3
     assert all(math.isfinite(r["L_pr"]) for r in log_records(out))
 
