@@ -2,11 +2,13 @@
 Erasure on the embedded tiny model, end to end: train with the defaults (`python train.py --concept X`,
 timed as a user runs it), then score with the concept classifier (evaluate.py). Prints one table.
 
-    python bench/erasure.py                  # Van Gogh (gated and --no-gate), star, red, and the merge
-    python bench/erasure.py --json out/erasure.json
+    python bench/erasure.py                  # every run below
+    python bench/erasure.py --runs van-gogh,star,merged --json out/erasure.json
 
-Rows: a style, an entity and a colour with the paper's defaults; Van Gogh again with --no-gate (the naive
-LoRA on the shared projections, side by side); and the two LoRAs for Van Gogh and star averaged (Eq. 63).
+Rows: a style, an entity and two colours (green, the paper's own colour concept in Table 7, and red) with
+the paper's defaults; Van Gogh again with --no-gate (the naive LoRA on the shared projections, side by
+side); the LoRAs for Van Gogh and star averaged (Eq. 63, w = 1/2 each), once as trained with the defaults
+and once trained 3,000 steps instead of 1,000 (averaging halves each LoRA; see README).
 """
 import argparse
 import json
@@ -22,7 +24,10 @@ import model as M  # noqa: E402
 import zerase as Z  # noqa: E402
 from tiny.classifier import load_classifier  # noqa: E402
 
-RUNS = [("Van Gogh", []), ("Van Gogh", ["--no-gate"]), ("star", []), ("red", [])]
+RUNS = [("van-gogh", "Van Gogh", []), ("van-gogh-nogate", "Van Gogh", ["--no-gate"]), ("star", "star", []),
+        ("green", "green", []), ("red", "red", []), ("van-gogh-3000", "Van Gogh", ["--steps", "3000"]),
+        ("star-3000", "star", ["--steps", "3000"])]  # (name, concept, train.py flags)
+MERGES = [("merged", ["van-gogh", "star"]), ("merged-3000", ["van-gogh-3000", "star-3000"])]
 
 
 def train(concept: str, extra: list[str], out: Path) -> float:
@@ -38,16 +43,24 @@ def main():
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--json")
-    p.add_argument("--runs", help="comma-separated subset of: van-gogh,van-gogh-nogate,star,red,merged")
+    p.add_argument("--runs", help="comma-separated subset of the run names: " + ",".join(
+        [r[0] for r in RUNS] + [m[0] for m in MERGES]) + " (a merge uses the LoRAs in --out)")
     p.add_argument("--train-args", default="", help="extra train.py flags for every run (experiments), "
                    "e.g. \"--fixed-lambda 10\"")
     args = p.parse_args()
     wanted = set(args.runs.split(",")) if args.runs else None
     out, seeds = Path(args.out), list(range(args.seeds))
+    if wanted is not None:
+        if unknown := wanted - {r[0] for r in RUNS} - {m[0] for m in MERGES}:
+            p.error(f"unknown run {sorted(unknown)[0]!r}; see --help for the run names.")
+        for name, parts in MERGES:
+            if name in wanted and (missing := [n for n in parts if n not in wanted
+                                               and not (out / f"{n}.safetensors").exists()]):
+                p.error(f"{name} averages {' and '.join(parts)}, but {out / missing[0]}.safetensors does not "
+                        f"exist; add {missing[0]} to --runs.")
     base, clf = M.load_zimage(E.DEFAULT_MODEL), load_classifier()
     rows, files = [], {}
-    for concept, extra in RUNS:
-        name = concept.lower().replace(" ", "-") + ("-nogate" if extra else "")
+    for name, concept, extra in RUNS:
         files[name] = out / f"{name}.safetensors"
         if wanted is not None and name not in wanted:
             continue
@@ -59,19 +72,23 @@ def main():
         r.update(run=" ".join([concept] + extra), train_seconds=round(secs, 1))
         rows.append(r)
         print(json.dumps(r), flush=True)
-    if wanted is None or "merged" in wanted:
+    concept_of = {name: concept for name, concept, _ in RUNS}
+    for name, parts in MERGES:
+        if wanted is not None and name not in wanted:
+            continue
         merged = M.load_zimage(E.DEFAULT_MODEL)
-        Z.apply_loras(merged.transformer, [files["van-gogh"], files["star"]])  # w_i = 1/2 (Eq. 63)
-        for concept in ("Van Gogh", "star"):
-            r = E.erasure_report(base, merged, clf, concept, args.prompts, seeds)
-            r.update(run=f"{concept} (merged Van Gogh + star)", train_seconds=None)
+        Z.apply_loras(merged.transformer, [files[n] for n in parts])  # w_i = 1/N (Eq. 63)
+        for n in parts:
+            r = E.erasure_report(base, merged, clf, concept_of[n], args.prompts, seeds)
+            r.update(run=f"{concept_of[n]} ({name}: {' + '.join(parts)})", train_seconds=None)
             rows.append(r)
-    print(f"\n{'run':<34} {'train s':>7} {'Acc_e base->erased':>19} {'Acc_ir base->erased':>20} {'H_a':>6} "
+            print(json.dumps(r), flush=True)
+    print(f"\n{'run':<48} {'train s':>7} {'Acc_e base->erased':>19} {'Acc_ir base->erased':>20} {'H_a':>6} "
           f"{'FD':>7}  robustness Acc_e (alias/misspelling/held-out/templates)")
     for r in rows:
         rob = "/".join(f"{v:.2f}" for v in r["robustness_Acc_e"].values())
         secs = f"{r['train_seconds']:.0f}" if r["train_seconds"] else "-"
-        print(f"{r['run']:<34} {secs:>7} {r['Acc_e']['base']:>9.3f} -> {r['Acc_e']['erased']:.3f} "
+        print(f"{r['run']:<48} {secs:>7} {r['Acc_e']['base']:>9.3f} -> {r['Acc_e']['erased']:.3f} "
               f"{r['Acc_ir']['base']:>10.3f} -> {r['Acc_ir']['erased']:.3f} {r['H_a']:>6.3f} {r['FD']:>7.2f}  {rob}")
     print("\nAcc_ir per other concept of the category, base -> erased:")
     for r in rows:
