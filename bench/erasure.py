@@ -7,8 +7,9 @@ timed as a user runs it), then score with the concept classifier (evaluate.py). 
 
 Rows: a style, an entity and two colours (green, the paper's own colour concept in Table 7, and red) with
 the paper's defaults; Van Gogh again with --no-gate (the naive LoRA on the shared projections, side by
-side); the LoRAs for Van Gogh and star averaged (Eq. 63, w = 1/2 each), once as trained with the defaults
-and once trained 3,000 steps instead of 1,000 (averaging halves each LoRA; see README).
+side); red again with the tighter ε of styles (Table 6: 1e-3 instead of 1e-2); the LoRAs for Van Gogh
+and star averaged (Eq. 63, w = 1/2 each), once as trained with the defaults and once trained 3,000 steps
+instead of 1,000 (averaging halves each LoRA; see README).
 """
 import argparse
 import json
@@ -25,7 +26,8 @@ import zerase as Z  # noqa: E402
 from tiny.classifier import load_classifier  # noqa: E402
 
 RUNS = [("van-gogh", "Van Gogh", []), ("van-gogh-nogate", "Van Gogh", ["--no-gate"]), ("star", "star", []),
-        ("green", "green", []), ("red", "red", []), ("van-gogh-3000", "Van Gogh", ["--steps", "3000"]),
+        ("green", "green", []), ("red", "red", []), ("red-eps1e-3", "red", ["--eps", "1e-3"]),
+        ("van-gogh-3000", "Van Gogh", ["--steps", "3000"]),
         ("star-3000", "star", ["--steps", "3000"])]  # (name, concept, train.py flags)
 MERGES = [("merged", ["van-gogh", "star"]), ("merged-3000", ["van-gogh-3000", "star-3000"])]
 
