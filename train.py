@@ -122,23 +122,35 @@ def preservation_prompts(zi: M.ZImage, args) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 # One step
 
+def preservation_inputs(batch: dict):
+    """The K preservation samples, each twice: (x_pr, ∅) then (x_pr, c_pr); x (2K, C, h, w), t (2K,), 2K captions."""
+    K = len(batch["x_pr"])
+    return (torch.cat([batch["x_pr"], batch["x_pr"]]), torch.cat([batch["t_pr"], batch["t_pr"]]),
+            [batch["cnull"]] * K + batch["cpr"])
+
+
+def pr_loss(v: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Eq. 8 from the LoRA model's velocities on preservation_inputs(batch), its expectation over C_pr
+    estimated on the K samples; the frozen references come with the pool."""
+    K = len(batch["x_pr"])
+    return Z.preservation_loss(v[:K], batch["ref_pr_null"]) + Z.preservation_loss(v[K:], batch["ref_pr"])
+
+
 def forward_losses(dit, spec: Z.LoRASpec, batch: dict, refs, eta, losses):
     """L_erase, L_attn, L_pr with the LoRA on: one batched DiT call for (x_t, c_er) and the K preservation
     samples, each twice: (x_pr, ∅) and (x_pr, c_pr)."""
-    K = len(batch["x_pr"])
-    x = torch.cat([batch["x_t"], batch["x_pr"], batch["x_pr"]])  # (1 + 2K, C, h, w)
-    t = torch.cat([batch["t"], batch["t_pr"], batch["t_pr"]])
-    caps = [batch["cer"]] + [batch["cnull"]] * K + batch["cpr"]
+    x_pr, t_pr, caps_pr = preservation_inputs(batch)
+    x = torch.cat([batch["x_t"], x_pr])  # (1 + 2K, C, h, w)
+    t = torch.cat([batch["t"], t_pr])
+    caps = [batch["cer"]] + caps_pr
     lay = dit.layout([tuple(x.shape[-2:])] * len(caps), [len(c) for c in caps])
-    probe = Z.AttentionProbe(lay, [batch["cer_tokens"]] + [[]] * (2 * K))
+    probe = Z.AttentionProbe(lay, [batch["cer_tokens"]] + [[]] * len(caps_pr))
     with Z.attention_probe(dit, spec.layers if "attn" in losses else (), probe):
         v = dit(x, t, caps)
     zero = v.new_zeros(()).float()
     L_erase = Z.erase_loss(v[0], Z.erase_target(refs["null"], refs["cer"], eta)) if "erase" in losses else zero
     L_attn = probe.loss() if "attn" in losses else zero  # Eq. 6
-    # Eq. 8, its expectation over C_pr estimated on the K samples (frozen references come with the pool)
-    L_pr = (Z.preservation_loss(v[1:1 + K], batch["ref_pr_null"])
-            + Z.preservation_loss(v[1 + K:], batch["ref_pr"]))
+    L_pr = pr_loss(v[1:], batch)  # Eq. 8
     return L_erase, L_attn, L_pr  # Eq. 5 is L_erase
 
 
@@ -164,10 +176,7 @@ def frozen_velocities(dit, x: torch.Tensor, sigma: torch.Tensor, conds: list[tor
 def preservation_value(dit, batch: dict) -> float:
     """L_pr (Eq. 8) of the current LoRA on a batch of preservation samples, without gradients: the
     measurements g̃ needs (Eq. 15), before and after an update on the same batch."""
-    K = len(batch["x_pr"])
-    v = dit(torch.cat([batch["x_pr"], batch["x_pr"]]), torch.cat([batch["t_pr"], batch["t_pr"]]),
-            [batch["cnull"]] * K + batch["cpr"])
-    return (Z.preservation_loss(v[:K], batch["ref_pr_null"]) + Z.preservation_loss(v[K:], batch["ref_pr"])).item()
+    return pr_loss(dit(*preservation_inputs(batch)), batch).item()
 
 
 def trajectory_pool(zi: M.ZImage, conds: list[torch.Tensor], cnull: torch.Tensor, seed: int, height: int,
@@ -267,7 +276,7 @@ def main(argv=None):
 
     implicit = args.mode == "implicit" and "pr" in losses and args.fixed_lambda is None
     fresh = implicit and args.gtilde_batch == "fresh"
-    carried = None  # (step, L_pr of its measurement batch at its starting parameters), from the step before
+    carried = None  # L_pr after an even step on its measurement batch = the next step's "before"; else None
     t_start = time.time()
     while step < args.steps:
         g = random.Random(args.seed * 1_000_003 + step)  # everything a step draws is a function of the step
@@ -283,7 +292,7 @@ def main(argv=None):
         if fresh:
             gm = random.Random(f"{args.seed}/measure/{step // 2}")
             measure = pr_batch([gm.randrange(len(pr_x)) for _ in range(args.pr_batch)])
-            L_pr_before_m = carried[1] if carried and carried[0] == step else preservation_value(dit, measure)
+            L_pr_before_m = carried if carried is not None else preservation_value(dit, measure)
         refs = references(dit, batch)
         L_erase, L_attn, L_pr = forward_losses(dit, spec, batch, refs, args.eta, losses)
         L_er = L_erase + L_attn  # Eq. 7
@@ -310,7 +319,7 @@ def main(argv=None):
         if implicit:
             L_pr_before = L_pr_before_m if fresh else L_pr.item()
             L_pr_after = preservation_value(dit, measure)
-            carried = (step + 1, L_pr_after) if fresh and step % 2 == 0 else None
+            carried = L_pr_after if fresh and step % 2 == 0 else None
             gt = Z.g_tilde(L_pr_before, L_pr_after, args.lr, eps)  # Eq. 15, same batch before/after
             lam = Z.update_lambda(lam, gt, args.beta)  # λ ← max(0, λ - β g̃)
             rec.update(L_pr_after=L_pr_after, g_tilde=gt)
