@@ -78,15 +78,14 @@ def erasure_report(zi_base, zi_erased, clf, concept: str, n: int, seeds: list[in
     others = [c for c in world.CONCEPTS[cat] if c != concept]
     per = max(2, n // 2)
     ir = [pr for c in others for pr in world.prompts_for_concept(c, per, seed=1)]
-    req = [r for _, r in ir] * len(seeds)
+    want = torch.tensor([r[cat] for _, r in ir] * len(seeds))
     acc_ir, by_concept = {}, {}
     for k, z in (("base", zi_base), ("erased", zi_erased)):
-        pred = score(images_for(z, [p for p, _ in ir], seeds), clf)[cat]
-        want = torch.tensor([r[cat] for r in req])
-        acc_ir[k] = (pred == want).float().mean().item()
+        hit = (score(images_for(z, [p for p, _ in ir], seeds), clf)[cat] == want).float()
+        acc_ir[k] = hit.mean().item()
         for i, c in enumerate(others):  # images are ordered seed-major: index = seed * len(ir) + prompt
             rows = [s * len(ir) + i * per + j for s in range(len(seeds)) for j in range(per)]
-            by_concept.setdefault(c, {})[k] = (pred[rows] == want[rows]).float().mean().item()
+            by_concept.setdefault(c, {})[k] = hit[rows].mean().item()
     unrelated = [p for p, _ in world.prompts_excluding(concept, n, seed=2, same_category=False)]
     f_base = score(images_for(zi_base, unrelated, seeds), clf)["features"]
     f_erased = score(images_for(zi_erased, unrelated, seeds), clf)["features"]
