@@ -37,6 +37,7 @@ SEQ_MULTI_OF = 32  # each segment (image, caption) is padded to a multiple of 32
 ADALN_EMBED_DIM = 256  # adaLN conditioning width is min(dim, 256)
 FREQ_EMBED_DIM = 256  # timestep sinusoid width
 T_MLP_HIDDEN = 1024  # timestep MLP hidden width, hard-coded in Z-Image
+FINGERPRINT_TENSORS = ("x_pad_token", "cap_pad_token", "t_embedder.mlp.0.bias")  # small; any fine-tune moves them
 MAX_TEXT_TOKENS = 512  # the pipeline's max_sequence_length, template tokens included
 CHAT_TEMPLATE = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"  # Qwen3, enable_thinking=True
 
@@ -415,6 +416,8 @@ class ZImageTransformer(nn.Module):
         self.cap_pad_token = nn.Parameter(torch.zeros(1, d))
         self.layers = nn.ModuleList([Block(cfg, True) for _ in range(cfg.n_layers)])
         self.gradient_checkpointing = False  # recompute each unified layer in backward (training memory)
+        # FINGERPRINT_TENSORS as the checkpoint stores them (set by load_transformer); None when built in code
+        self.stored_values: dict[str, torch.Tensor] | None = None
 
     def layout(self, sizes: list[tuple[int, int]], cap_lens: list[int]) -> Layout:
         """Layout for latents of (H, W) sizes and captions of cap_lens real tokens."""
@@ -452,7 +455,8 @@ class ZImageTransformer(nn.Module):
             pos_x[:n, 0] = lp + 1
             pos_x[:n, 1] = torch.arange(H, device=dev).repeat_interleave(W)
             pos_x[:n, 2] = torch.arange(W, device=dev).repeat(H)
-            e = self.all_x_embedder[key](self.patchify(xi))  # (N, D)
+            emb = self.all_x_embedder[key]
+            e = emb(self.patchify(xi).to(emb.weight.dtype))  # (N, D); latents enter in the DiT's dtype
             img.append(torch.cat([e, self.x_pad_token.expand(np_ - n, -1).to(e.dtype)]))
             img_pos.append(pos_x)
         return img, img_pos, cap, cap_pos
@@ -469,7 +473,7 @@ class ZImageTransformer(nn.Module):
         xs = list(x.unbind(0)) if stacked else list(x)
         cfg = self.cfg
         lay = self.layout([tuple(xi.shape[-2:]) for xi in xs], [len(c) for c in cap_feats])
-        c = self.t_embedder(t * cfg.t_scale).type_as(xs[0])  # (B, adaln)
+        c = self.t_embedder(t * cfg.t_scale).to(self.x_pad_token.dtype)  # (B, adaln)
         img, img_pos, cap, cap_pos = self.embed(xs, cap_feats, lay)
 
         xb, xmask = _batch(img)
@@ -835,16 +839,32 @@ def load_weights(module: nn.Module, folder: Path, dtype: torch.dtype, device="cp
         if tuple(info["shape"]) != tuple(want[ours]):
             raise CheckpointError(f"{folder}: {k} has shape {tuple(info['shape'])}, the config implies "
                                   f"{tuple(want[ours])}; config.json and the weights do not belong together.")
-        a, b = info["data_offsets"]
-        buf = torch.empty(b - a, dtype=torch.uint8)
-        with open(f, "rb") as fh:
-            fh.seek(start + a)
-            if fh.readinto(buf.numpy()) != b - a:
-                raise CheckpointError(f"{f} is truncated; re-download it.")
-        t = buf.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+        t = _read_tensor(f, info, start)
         sd[ours] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     module.load_state_dict(sd, strict=True, assign=True)
     return module.eval().requires_grad_(False)
+
+
+def _read_tensor(f: Path, info: dict, start: int) -> torch.Tensor:
+    """One tensor of a safetensors file, in its stored dtype, from its header entry."""
+    a, b = info["data_offsets"]
+    buf = torch.empty(b - a, dtype=torch.uint8)
+    with open(f, "rb") as fh:
+        fh.seek(start + a)
+        if fh.readinto(buf.numpy()) != b - a:
+            raise CheckpointError(f"{f} is truncated; re-download it.")
+    return buf.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def read_stored(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The named tensors of a component folder as stored (stored dtype, CPU), whatever dtype the model was
+    loaded in: what identifies a checkpoint (a LoRA's base-model fingerprint) must not depend on the cast."""
+    files = _weight_files(folder)
+    out = {}
+    for k in names:
+        header, start = _st_header(files[k])
+        out[k] = _read_tensor(files[k], header[k], start)
+    return out
 
 
 def _on_meta(build):
@@ -854,7 +874,9 @@ def _on_meta(build):
 
 def load_transformer(folder: Path, dtype=torch.float32, device="cpu") -> ZImageTransformer:
     cfg = DiTConfig.from_json(folder / "config.json")
-    return load_weights(_on_meta(lambda: ZImageTransformer(cfg)), folder, dtype, device)
+    dit = load_weights(_on_meta(lambda: ZImageTransformer(cfg)), folder, dtype, device)
+    dit.stored_values = read_stored(folder, FINGERPRINT_TENSORS)
+    return dit
 
 
 def load_text_encoder(folder: Path, dtype=torch.float32, device="cpu") -> Qwen3TextEncoder:

@@ -30,6 +30,7 @@ import json
 import math
 import random
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -112,11 +113,21 @@ def concept_prompts(zi: M.ZImage, concept: str, aliases: list[str], category: st
     return prompts, tokens
 
 
-def preservation_prompts(zi: M.ZImage, args) -> list[str]:
+def preservation_prompts(zi: M.ZImage, args, names: list[str]) -> list[str]:
+    """D_pr: --preserve, else the model's stored list for the category, else GENERIC_PRESERVE; prompts that
+    name the concept (or an alias, whole words, any case: the matcher that locates concept tokens) are left
+    out, since preserving them would hold the model where the erasure must move it."""
     if args.preserve:
+        if named := [p for p in args.preserve if Z.find_phrases(p, names)]:
+            raise ValueError(f"--preserve {named[0]!r} names the concept being erased; preservation prompts must "
+                             f"not contain {args.concept!r} or its aliases.")
         return args.preserve
-    stored = zi.defaults.get("preserve", {})
-    return [p for p in stored.get(args.category, []) if args.concept.lower() not in p.lower()] or GENERIC_PRESERVE
+    stored = zi.defaults.get("preserve", {}).get(args.category, []) or GENERIC_PRESERVE
+    kept = [p for p in stored if not Z.find_phrases(p, names)]
+    if not kept:
+        raise ValueError(f"every preservation prompt names {args.concept!r}, so none is left to preserve; pass "
+                         f"--preserve PROMPT (repeatable) with prompts that do not.")
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,17 +147,19 @@ def pr_loss(v: torch.Tensor, batch: dict) -> torch.Tensor:
     return Z.preservation_loss(v[:K], batch["ref_pr_null"]) + Z.preservation_loss(v[K:], batch["ref_pr"])
 
 
-def forward_losses(dit, spec: Z.LoRASpec, batch: dict, refs, eta, losses):
+def forward_losses(dit, spec: Z.LoRASpec, batch: dict, refs, eta, losses, probed: ExitStack):
     """L_erase, L_attn, L_pr with the LoRA on: one batched DiT call for (x_t, c_er) and the K preservation
-    samples, each twice: (x_pr, ∅) and (x_pr, c_pr)."""
+    samples, each twice: (x_pr, ∅) and (x_pr, c_pr). The attention probe is entered on `probed` and stays
+    installed until the caller closes it after backward: with gradient checkpointing, backward recomputes
+    the layers and must see the same probe calls as the forward did."""
     x_pr, t_pr, caps_pr = preservation_inputs(batch)
     x = torch.cat([batch["x_t"], x_pr])  # (1 + 2K, C, h, w)
     t = torch.cat([batch["t"], t_pr])
     caps = [batch["cer"]] + caps_pr
     lay = dit.layout([tuple(x.shape[-2:])] * len(caps), [len(c) for c in caps])
     probe = Z.AttentionProbe(lay, [batch["cer_tokens"]] + [[]] * len(caps_pr))
-    with Z.attention_probe(dit, spec.layers if "attn" in losses else (), probe):
-        v = dit(x, t, caps)
+    probed.enter_context(Z.attention_probe(dit, spec.layers if "attn" in losses else (), probe))
+    v = dit(x, t, caps)
     zero = v.new_zeros(()).float()
     L_erase = Z.erase_loss(v[0], Z.erase_target(refs["null"], refs["cer"], eta)) if "erase" in losses else zero
     L_attn = probe.loss() if "attn" in losses else zero  # Eq. 6
@@ -224,6 +237,7 @@ def main(argv=None):
             raise ValueError(f"--targets must be among to_q,to_k,to_v and --layers within 0..{n_layers - 1}.")
         aliases = args.alias or zi.defaults.get("aliases", {}).get(args.concept, [])
         cer_prompts, cer_tokens = concept_prompts(zi, args.concept, aliases, args.category, args.variants, args.seed)
+        cpr_prompts = preservation_prompts(zi, args, [args.concept] + aliases)
     except (M.CheckpointError, ValueError) as e:
         M.die(str(e))
     out = Path(args.out or f"loras/{args.concept.lower().replace(' ', '-')}.safetensors")
@@ -234,7 +248,6 @@ def main(argv=None):
     steps_turbo = zi.defaults.get("steps", 8)
 
     # Encode every prompt once, then free the text encoder (DESIGN §6.7).
-    cpr_prompts = preservation_prompts(zi, args)
     feats = zi.encode_prompts(cer_prompts + cpr_prompts + [""])
     cer_feats, cpr_feats, cnull = feats[:len(cer_prompts)], feats[len(cer_prompts):-1], feats[-1]
     zi.free_text_encoder()
@@ -294,7 +307,8 @@ def main(argv=None):
             measure = pr_batch([gm.randrange(len(pr_x)) for _ in range(args.pr_batch)])
             L_pr_before_m = carried if carried is not None else preservation_value(dit, measure)
         refs = references(dit, batch)
-        L_erase, L_attn, L_pr = forward_losses(dit, spec, batch, refs, args.eta, losses)
+        probed = ExitStack()  # the attention probe, installed by forward_losses, removed after backward
+        L_erase, L_attn, L_pr = forward_losses(dit, spec, batch, refs, args.eta, losses, probed)
         L_er = L_erase + L_attn  # Eq. 7
         use_pr = "pr" in losses
         if not all(math.isfinite(x.item()) for x in (L_erase, L_attn, L_pr)):
@@ -312,6 +326,7 @@ def main(argv=None):
         else:
             weight = args.fixed_lambda if args.fixed_lambda is not None else lam
             (L_er + weight * L_pr if use_pr else L_er).backward()  # Algorithm 1: L_total = L_er + λ L_pr
+        probed.close()
         opt.step()
 
         rec = {"step": step + 1, "L_erase": L_erase.item(), "L_attn": L_attn.item(), "L_pr": L_pr.item(),
@@ -339,7 +354,8 @@ def main(argv=None):
     meta = {"concept": args.concept, "category": args.category, "aliases": aliases, "eps": eps, "eta": args.eta,
             "lr": args.lr, "beta": args.beta, "steps": args.steps, "mode": args.mode, "losses": sorted(losses),
             "fixed_lambda": args.fixed_lambda, "seed": args.seed, "pool": args.pool, "pr_batch": args.pr_batch,
-            "gtilde_batch": args.gtilde_batch,
+            "gtilde_batch": args.gtilde_batch, "dtype": str(zi.dtype).removeprefix("torch."),
+            "gradient_checkpointing": args.gradient_checkpointing,
             "train_seconds": round(time.time() - t_start, 1)}
     Z.save_lora(out, dit, spec, base=Z.base_fingerprint(dit), settings=meta)
     print(f"wrote {out} ({sum(p.numel() for p in params):,} parameters; log {log_path})")

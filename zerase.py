@@ -382,10 +382,12 @@ class LoRAFileError(ValueError):
 
 
 def base_fingerprint(dit: nn.Module) -> str:
-    """Identity of the base model: its config plus a hash of a few small tensors that any fine-tune changes."""
+    """Identity of the base model: its config plus a hash of a few small tensors that any fine-tune changes,
+    as the checkpoint stores them (so fp32 and bf16 loads of one checkpoint agree), in fp32."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(dit.cfg), sort_keys=True).encode())
-    for name in ("x_pad_token", "cap_pad_token", "t_embedder.mlp.0.bias"):
-        h.update(dit.get_parameter(name).detach().float().cpu().numpy().tobytes())
+    stored = dit.stored_values or {name: dit.get_parameter(name) for name in M.FINGERPRINT_TENSORS}
+    for name in M.FINGERPRINT_TENSORS:
+        h.update(stored[name].detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

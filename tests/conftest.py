@@ -35,3 +35,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def bf16_cpu():
+    """Skip unless this CPU runs bfloat16 matmuls and attention. On CPUs without bf16 instructions torch
+    can die with SIGILL, which would end pytest itself, so the probe runs in a subprocess."""
+    import subprocess
+    import sys
+    code = ("import torch; import torch.nn.functional as F; a = torch.randn(2, 2, 64, 64, dtype=torch.bfloat16); "
+            "F.linear(a, a[0, 0]).sum().item(); F.scaled_dot_product_attention(a, a, a).sum().item()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        pytest.skip(f"this CPU cannot run bfloat16 matmuls (the probe process exited with {r.returncode}); "
+                    f"the bf16 paths are tested where it can")

@@ -1,0 +1,103 @@
+"""The paths the real model takes: bf16 weights with fp32 latents, gradient checkpointing, a base-model
+fingerprint that does not depend on the load dtype, and a preservation set that never names the concept.
+"""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import model as M
+import train
+import zerase as Z
+
+TINY = str(train.DEFAULT_MODEL)
+
+
+def tiny_args(out, *extra) -> list[str]:
+    return ["--concept", "Van Gogh", "--model", TINY, "--pool", "2", "--variants", "4", "--out", str(out),
+            *extra]
+
+
+def small_args(ckpt, out, *extra) -> list[str]:
+    return ["--concept", "circle", "--model", str(ckpt), "--category", "entity", "--resolution", "32",
+            "--pool", "2", "--variants", "4", "--out", str(out), *extra]
+
+
+def records(out) -> list[dict]:
+    return [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+
+
+def test_bf16_training_on_the_tiny_model_runs_with_fp32_pools(bf16_cpu, tmp_path):
+    """--dtype bfloat16: the fp32 trajectory pools enter the bf16 DiT cast to its dtype; every loss is finite
+    and the LoRA factors (kept in fp32) move."""
+    out = tmp_path / "vg.safetensors"
+    train.main(tiny_args(out, "--steps", "3", "--dtype", "bfloat16"))
+    recs = records(out)
+    assert len(recs) == 3 and all(torch.isfinite(torch.tensor(r["L_erase"])) for r in recs)
+    factors, meta = Z.read_lora(out)
+    assert json.loads(meta["settings"])["dtype"] == "bfloat16"
+    assert all(v.dtype == torch.float32 for v in factors.values())
+    assert any(v.abs().sum() > 0 for k, v in factors.items() if k.endswith("lora_B"))
+
+
+@pytest.mark.parametrize("mode", ["implicit", "exact"])
+def test_gradient_checkpointing_trains_the_same_lora(random_ckpt, tmp_path, mode):
+    """With --gradient-checkpointing the recomputed layers call the attention probe as the forward did, and
+    the LoRA after 3 steps equals the run without checkpointing bit for bit (fp32, same seed)."""
+    loras = []
+    for flags in ([], ["--gradient-checkpointing"]):
+        out = tmp_path / f"{mode}{len(flags)}.safetensors"
+        train.main(small_args(random_ckpt, out, "--steps", "3", "--mode", mode, "--eps", "0", *flags))
+        loras.append(Z.read_lora(out)[0])
+    assert all(torch.equal(loras[0][k], loras[1][k]) for k in loras[0])
+    assert any(loras[0][k].abs().sum() > 0 for k in loras[0] if k.endswith("lora_B"))
+
+
+def test_the_fingerprint_names_the_checkpoint_not_the_load_dtype(random_ckpt_bf16_te, tmp_path, bf16_cpu):
+    """A LoRA trained on the fp32 load of a checkpoint applies to its bf16 load and vice versa; a fine-tuned
+    copy of the model (pad token moved) still has another fingerprint."""
+    load = lambda dtype: M.load_zimage(random_ckpt_bf16_te, dtype=dtype, text_encoder=False, vae=False).transformer
+    fp32, bf16 = load(torch.float32), load(torch.bfloat16)
+    assert Z.base_fingerprint(fp32) == Z.base_fingerprint(bf16)
+    spec = Z.LoRASpec(layers=(0,))
+    for src, dst in ((fp32, load(torch.bfloat16)), (bf16, load(torch.float32))):
+        Z.add_lora(src, spec) if not Z.lora_modules(src) else None
+        path = tmp_path / f"{src.x_pad_token.dtype}.safetensors"
+        Z.save_lora(path, src, spec, Z.base_fingerprint(src), {"concept": "circle"})
+        Z.apply_loras(dst, [path])  # raises LoRAFileError if the fingerprints disagree
+    tuned = load(torch.float32)
+    with torch.no_grad():
+        tuned.x_pad_token.add_(1e-3)
+    tuned.stored_values = None  # as a model built and fine-tuned in code: its own values count
+    assert Z.base_fingerprint(tuned) != Z.base_fingerprint(fp32)
+
+
+def test_the_generic_preservation_list_leaves_out_prompts_that_name_the_concept():
+    """Erasing "cat" (or its alias "kitty") drops "a cat on a sofa" from the generic D_pr, whole words only
+    and in any case; the stored per-category list is filtered the same way."""
+    zi = SimpleNamespace(defaults={})
+    got = train.preservation_prompts(zi, SimpleNamespace(preserve=None, category="entity", concept="Cat"),
+                                     ["Cat", "kitty"])
+    assert got == [p for p in train.GENERIC_PRESERVE if p != "a cat on a sofa"]
+    zi = SimpleNamespace(defaults={"preserve": {"abstraction": ["a red star", "a star coloured cyan", "RED moon"]}})
+    got = train.preservation_prompts(zi, SimpleNamespace(preserve=None, category="abstraction", concept="red"),
+                                     ["red"])
+    assert got == ["a star coloured cyan"]  # "coloured" contains "red" but is another word
+
+
+def test_a_preservation_set_that_only_names_the_concept_is_one_clear_error(random_ckpt, tmp_path, capsys):
+    """If every preservation prompt names the concept, nothing is left to preserve: one error line, no file;
+    a --preserve prompt that names it is refused the same way."""
+    for extra in (["--preserve", "a circle and a square"], ["--preserve", "a red star", "--preserve", "CIRCLE"]):
+        with pytest.raises(SystemExit) as e:
+            train.main(small_args(random_ckpt, tmp_path / "x.safetensors", "--steps", "1", *extra))
+        assert e.value.code not in (0, None)
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and "preserv" in err[0] and "circle" in err[0].lower(), err
+    zi = SimpleNamespace(defaults={"preserve": {"entity": ["a circle", "two Circle shapes"]}})
+    with pytest.raises(ValueError, match="none is left"):
+        train.preservation_prompts(zi, SimpleNamespace(preserve=None, category="entity", concept="circle"),
+                                   ["circle"])
+    assert not list(tmp_path.iterdir())
