@@ -23,14 +23,16 @@ from pathlib import Path
 
 import torch
 
-import model as M
-import zerase as Z
+import checkpoint as C
+import lora_file
+from cli import atomic_write, die
+from model import CheckpointError
 from sample import DEFAULT_MODEL, TURBO, generate
 from tiny import world
 from tiny.classifier import frechet_distance, load_classifier, score
 
 
-def images_for(zi: M.ZImage, prompts: list[str], seeds: list[int], feats=None) -> torch.Tensor:
+def images_for(zi: C.ZImage, prompts: list[str], seeds: list[int], feats=None) -> torch.Tensor:
     """(len(seeds) * len(prompts), 3, H, W) images in [-1, 1], sampled with the model's stored defaults;
     seed s draws the noise of every prompt (as sample.py does)."""
     d = {**TURBO, **zi.defaults}
@@ -52,7 +54,7 @@ def concept_accuracy(zi, clf, concept: str, n: int, seeds: list[int], **kw) -> f
 
 
 def base_table(zi, clf, n: int, seeds: list[int]) -> dict:
-    """Issue-3 acceptance: per-concept accuracy of the base model, plus Van Gogh from its variants."""
+    """Per-concept accuracy of the base model (README, "The embedded tiny model"), plus Van Gogh from its variants."""
     rows = {}
     for category, concepts in world.CONCEPTS.items():
         for c in concepts:
@@ -121,7 +123,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     seeds = list(range(args.seeds))
     try:
-        zi = M.load_zimage(args.model)
+        zi = C.load_zimage(args.model)
         clf = load_classifier()
         if args.grid:
             style_grid(zi, args.grid)
@@ -135,8 +137,8 @@ def main(argv=None):
             for k, v in res["van_gogh_variants"].items():
                 print(f"Van Gogh via {k:<17} {v:.3f}")
         else:
-            erased = M.load_zimage(args.model)
-            info = Z.apply_loras(erased.transformer, args.lora)
+            erased = C.load_zimage(args.model)
+            info = lora_file.apply_loras(erased.transformer, args.lora)
             concepts = args.concept or [m["concept"] for m in info["metas"]]
             res = [erasure_report(zi, erased, clf, c, args.prompts, seeds) for c in concepts]
             for r in res:
@@ -146,10 +148,10 @@ def main(argv=None):
                       + " ".join(f"{k}={v:.3f}" for k, v in r["robustness_Acc_e"].items()))
                 print("  Acc_ir per concept (base -> erased): " + ", ".join(
                     f"{c} {v['base']:.2f}->{v['erased']:.2f}" for c, v in r["Acc_ir_by_concept"].items()))
-    except (M.CheckpointError, Z.LoRAFileError, ValueError) as e:
-        M.die(str(e))
+    except (CheckpointError, lora_file.LoRAFileError, ValueError) as e:
+        die(str(e))
     if args.json:
-        M.atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(res, indent=2)))
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(res, indent=2)))
     return res
 
 

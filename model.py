@@ -1,11 +1,11 @@
 """
 Z-Image-Turbo in plain PyTorch: the single-stream DiT, the Qwen3 text encoder (up to hidden_states[-2]),
-the AutoencoderKL, their configs, the tokenizer, and a loader for the Hugging Face checkpoint layout.
+the AutoencoderKL, their configs and the tokenizer; checkpoint.py loads them from a Hugging Face directory.
 
-Written from scratch for zerase (Z-Erase, arXiv 2603.25074) from the facts in shared/zimage-spec.md, which
-were read off diffusers `transformer_z_image.py` / `autoencoder_kl.py`, transformers `modeling_qwen3.py`
-and the official Tongyi-MAI/Z-Image code. Module and parameter names equal the checkpoint keys, so the
-official files load with a strict key match and no renaming table.
+Written from scratch for zerase (Z-Erase, arXiv 2603.25074) after diffusers' `ZImageTransformer2DModel`
+(transformer_z_image.py) and `AutoencoderKL`, transformers' `Qwen3Model` and the official Tongyi-MAI/Z-Image
+code; tests/test_parity.py holds each against the library version. Module and parameter names equal the
+checkpoint keys, so the official files load with a strict key match and no renaming table.
 
 How Z-Image's DiT ("S3-DiT") differs from a plain DiT:
   - single stream: image tokens and caption tokens are concatenated into one sequence, image FIRST, and
@@ -14,18 +14,16 @@ How Z-Image's DiT ("S3-DiT") differs from a plain DiT:
   - before the main layers, 2 "noise refiner" blocks see only image tokens (modulated by t) and 2
     "context refiner" blocks see only caption tokens (not modulated);
   - 3-axis RoPE (caption index, row, column) applied to interleaved pairs, with the caption index doubling
-    as a "frame" axis so image tokens sit after the caption (axis 0 = Lp + 1);
+    as a "frame" axis so image tokens sit after the caption (axis 0 = padded caption length + 1);
   - sandwich RMSNorms around attention and FFN, tanh-gated residuals, adaLN scale only (no shift);
   - the model is called with t = 1 - sigma and predicts v ~ x0 - noise; the sampler negates it.
 
-Sections: configs | DiT | Qwen3 text encoder | VAE | tokenizer | checkpoint loading | pipeline bundle.
+Sections: configs | DiT | Qwen3 text encoder | VAE | tokenizer | the real model's configs.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -33,11 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SEQ_MULTI_OF = 32  # each segment (image, caption) is padded to a multiple of 32 tokens (spec §2.1)
+SEQ_MULTI_OF = 32  # each segment (image, caption) is padded to a multiple of 32 (diffusers: SEQ_MULTI_OF)
 ADALN_EMBED_DIM = 256  # adaLN conditioning width is min(dim, 256)
 FREQ_EMBED_DIM = 256  # timestep sinusoid width
 T_MLP_HIDDEN = 1024  # timestep MLP hidden width, hard-coded in Z-Image
-FINGERPRINT_TENSORS = ("x_pad_token", "cap_pad_token", "t_embedder.mlp.0.bias")  # small; any fine-tune moves them
 MAX_TEXT_TOKENS = 512  # the pipeline's max_sequence_length, template tokens included
 CHAT_TEMPLATE = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"  # Qwen3, enable_thinking=True
 
@@ -248,7 +245,7 @@ class Linear(nn.Linear):
 def rope_freqs(pos: torch.Tensor, axes_dims: tuple, theta: float) -> torch.Tensor:
     """3-axis RoPE as complex rotations: pos (..., 3) int -> (..., head_dim/2) complex64.
 
-    omega_{a,k} = theta^(-2k/d_a); angles pos_a * omega_{a,k} in float64, cast to float32 (spec §2.6).
+    omega_{a,k} = theta^(-2k/d_a); angles pos_a * omega_{a,k} in float64, cast to float32 (as diffusers' RopeEmbedder).
     """
     out = []
     for a, d in enumerate(axes_dims):
@@ -357,21 +354,21 @@ class FinalLayer(nn.Module):
 class Layout:
     """Where every token of a batch sits in the unified sequence (image rows first, then caption rows).
 
-    Item i occupies rows [0, Np_i) with its image (N_i real patches, then pad tokens) and rows
-    [Np_i, Np_i + Lp_i) with its caption (L_i real tokens, then pad tokens); rows past Np_i + Lp_i are
-    batch padding. This is the only place the image/text boundary is decided: it depends on each item's
-    resolution and caption length, never on a constant.
+    Item i occupies rows [0, n_img_padded[i]) with its image (n_img[i] real patches, then pad tokens) and
+    the next n_cap_padded[i] rows with its caption (n_cap[i] real tokens, then pad tokens); rows after
+    those are batch padding, up to seq_len. This is the only place the image/text boundary is decided: it
+    depends on each item's resolution and caption length, never on a constant.
     """
-    N: list[int]
-    Np: list[int]
-    L: list[int]
-    Lp: list[int]
-    S: int  # padded unified length
+    n_img: list[int]
+    n_img_padded: list[int]
+    n_cap: list[int]
+    n_cap_padded: list[int]
+    seq_len: int  # padded unified length S
 
     def text_mask(self, device=None) -> torch.Tensor:
         """S_T of Eq. 4 as a (B, S) bool: caption rows, caption pad slots included."""
-        m = torch.zeros(len(self.N), self.S, dtype=torch.bool, device=device)
-        for i, (np_, lp) in enumerate(zip(self.Np, self.Lp)):
+        m = torch.zeros(len(self.n_img), self.seq_len, dtype=torch.bool, device=device)
+        for i, (np_, lp) in enumerate(zip(self.n_img_padded, self.n_cap_padded)):
             m[i, np_:np_ + lp] = True
         return m
 
@@ -381,7 +378,7 @@ class Layout:
 
     def caption_row(self, i: int, j: int) -> int:
         """Unified row of caption token j of item i."""
-        return self.Np[i] + j
+        return self.n_img_padded[i] + j
 
 
 def _pad32(n: int) -> int:
@@ -416,18 +413,19 @@ class ZImageTransformer(nn.Module):
         self.cap_pad_token = nn.Parameter(torch.zeros(1, d))
         self.layers = nn.ModuleList([Block(cfg, True) for _ in range(cfg.n_layers)])
         self.gradient_checkpointing = False  # recompute each unified layer in backward (training memory)
-        # FINGERPRINT_TENSORS as the checkpoint stores them (set by load_transformer); None when built in code
+        # checkpoint.FINGERPRINT_TENSORS as stored on disk (set by load_transformer); None when built in code
         self.stored_values: dict[str, torch.Tensor] | None = None
 
     def layout(self, sizes: list[tuple[int, int]], cap_lens: list[int]) -> Layout:
         """Layout for latents of (H, W) sizes and captions of cap_lens real tokens."""
         p = self.cfg.patch
-        N = [(h // p) * (w // p) for h, w in sizes]
-        Np, Lp = [_pad32(n) for n in N], [_pad32(l) for l in cap_lens]
-        return Layout(N, Np, list(cap_lens), Lp, max(a + b for a, b in zip(Np, Lp)))
+        n_img = [(h // p) * (w // p) for h, w in sizes]
+        n_img_padded, n_cap_padded = [_pad32(n) for n in n_img], [_pad32(n) for n in cap_lens]
+        return Layout(n_img, n_img_padded, list(cap_lens), n_cap_padded,
+                      max(a + b for a, b in zip(n_img_padded, n_cap_padded)))
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(C, H, W) -> (H/p * W/p, p*p*C), row-major tokens, channel fastest then pw then ph (spec §2.4.3)."""
+        """(C, H, W) -> (H/p * W/p, p*p*C), row-major tokens, channel fastest then pw then ph (as diffusers' patchify_and_embed)."""
         C, H, W = x.shape
         p = self.cfg.patch
         return x.view(C, H // p, p, W // p, p).permute(1, 3, 2, 4, 0).reshape((H // p) * (W // p), p * p * C)
@@ -442,14 +440,14 @@ class ZImageTransformer(nn.Module):
         cfg, dev = self.cfg, x[0].device
         key = next(iter(self.all_x_embedder))
         img, img_pos, cap, cap_pos = [], [], [], []
-        for xi, ci, n, np_, l, lp in zip(x, cap_feats, lay.N, lay.Np, lay.L, lay.Lp):
+        for xi, ci, n, np_, l, lp in zip(x, cap_feats, lay.n_img, lay.n_img_padded, lay.n_cap, lay.n_cap_padded):
             # caption token j (pad slots included) sits at (1 + j, 0, 0)
             pos_c = torch.zeros(lp, 3, dtype=torch.long, device=dev)
             pos_c[:, 0] = torch.arange(1, lp + 1, device=dev)
             e = self.cap_embedder(ci)  # (L, D)
             cap.append(torch.cat([e, self.cap_pad_token.expand(lp - l, -1).to(e.dtype)]))
             cap_pos.append(pos_c)
-            # image token (h, w) sits at (Lp + 1, h, w); image pad tokens at (0, 0, 0)
+            # image token (h, w) sits at (lp + 1, h, w); image pad tokens at (0, 0, 0)
             H, W = xi.shape[-2] // cfg.patch, xi.shape[-1] // cfg.patch
             pos_x = torch.zeros(np_, 3, dtype=torch.long, device=dev)
             pos_x[:n, 0] = lp + 1
@@ -485,9 +483,9 @@ class ZImageTransformer(nn.Module):
         for blk in self.context_refiner:
             cb = blk(cb, cfreqs, cmask)
 
-        # unified sequence: image rows first, then caption rows (never the other way: spec §2.4.8)
-        u, umask = _batch([torch.cat([xb[i, :np_], cb[i, :lp]]) for i, (np_, lp) in enumerate(zip(lay.Np, lay.Lp))])
-        ufreqs, _ = _batch([torch.cat([xfreqs[i, :a], cfreqs[i, :b]]) for i, (a, b) in enumerate(zip(lay.Np, lay.Lp))])
+        # unified sequence: image rows first, then caption rows (never the other way: diffusers' ZImageTransformer2DModel.forward)
+        u, umask = _batch([torch.cat([xb[i, :np_], cb[i, :lp]]) for i, (np_, lp) in enumerate(zip(lay.n_img_padded, lay.n_cap_padded))])
+        ufreqs, _ = _batch([torch.cat([xfreqs[i, :a], cfreqs[i, :b]]) for i, (a, b) in enumerate(zip(lay.n_img_padded, lay.n_cap_padded))])
         text_rows = lay.text_rows(u.device)
         for blk in self.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -496,7 +494,7 @@ class ZImageTransformer(nn.Module):
                 u = blk(u, ufreqs, umask, c, text_rows)
         u = self.all_final_layer[next(iter(self.all_final_layer))](u, c)
 
-        out = [self.unpatchify(u[i, :n], *xi.shape[-2:]) for i, (n, xi) in enumerate(zip(lay.N, xs))]
+        out = [self.unpatchify(u[i, :n], *xi.shape[-2:]) for i, (n, xi) in enumerate(zip(lay.n_img, xs))]
         out = torch.stack(out) if stacked else out
         return (out, lay) if return_layout else out
 
@@ -724,10 +722,6 @@ class AutoencoderKL(nn.Module):
         z = latents.to(next(self.parameters()).dtype) / self.cfg.scaling_factor + self.cfg.shift_factor
         return self.decode(z)
 
-    def image_to_latents(self, img: torch.Tensor) -> torch.Tensor:
-        """Image in [-1, 1] -> DiT latents from the posterior mean: (mean - shift) * scaling."""
-        return (self.encode(img)[0] - self.cfg.shift_factor) * self.cfg.scaling_factor
-
 
 def to_uint8(img: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in about [-1, 1] -> (B, H, W, 3) uint8, as diffusers' postprocess does it."""
@@ -758,142 +752,6 @@ class Tokenizer:
         return enc.ids[:max_tokens], spans[:max_tokens]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoint loading: safetensors only (our own header reader: no pickle, no mmap), strict keys, meta init.
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def _st_header(path: Path) -> tuple[dict, int]:
-    """Parse a safetensors header: ({name: {dtype, shape, data_offsets}}, data start offset)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-        if n <= 0 or 8 + n > size:
-            raise CheckpointError(f"{path} is not a safetensors file (bad header); re-download it.")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path} is not a safetensors file (bad header); re-download it.") from None
-    header.pop("__metadata__", None)
-    for k, v in header.items():
-        a, b = v["data_offsets"]
-        if v["dtype"] not in _ST_DTYPES or not 0 <= a <= b <= size - 8 - n:
-            raise CheckpointError(f"{path}: tensor {k} has an unsupported dtype or lies outside the file.")
-    return header, 8 + n
-
-
-def _weight_files(folder: Path) -> dict[str, Path]:
-    """Map every tensor name of a component folder to the safetensors file holding it."""
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder} is missing; a Z-Image checkpoint needs this component folder.")
-    index = sorted(folder.glob("*.safetensors.index.json"))
-    if index:
-        wm = _read_json(index[0]).get("weight_map")
-        if not isinstance(wm, dict):
-            raise CheckpointError(f"{index[0]} has no weight_map; re-download the index file.")
-        return {k: folder / v for k, v in wm.items()}
-    files = sorted(folder.glob("*.safetensors"))
-    if len(files) != 1:
-        pickles = [p.name for p in folder.iterdir() if p.name.endswith(_PICKLE_SUFFIXES)]
-        if pickles:
-            raise CheckpointError(f"{folder} holds pickle weights ({', '.join(pickles)}), which zerase never "
-                                  f"loads; convert them to .safetensors (e.g. with save_pretrained(..., "
-                                  f"safe_serialization=True)).")
-        what = "no" if not files else "several"
-        raise CheckpointError(f"{folder} has {what} .safetensors files and no *.safetensors.index.json; "
-                              f"it needs one weights file or a sharded index.")
-    return {k: files[0] for k in _st_header(files[0])[0]}
-
-
-def load_weights(module: nn.Module, folder: Path, dtype: torch.dtype, device="cpu",
-                 rename=lambda k: k, ignore=lambda k: False) -> nn.Module:
-    """Fill a meta-device `module` from the safetensors in `folder`: strict key and shape match, each tensor
-    read straight into its own buffer and cast to `dtype` on `device` one at a time (peak memory ~ the
-    model plus one tensor). `rename` maps stored keys to ours; `ignore` drops keys we know we don't use."""
-    where = {}
-    for k, f in _weight_files(folder).items():
-        if not ignore(k):
-            where[rename(k)] = (k, f)
-    want = {k: v.shape for k, v in module.state_dict().items()}
-    missing, unexpected = sorted(set(want) - set(where)), sorted(set(where) - set(want))
-    if missing or unexpected:
-        show = lambda ks: ", ".join(ks[:6]) + (f" (+{len(ks) - 6} more)" if len(ks) > 6 else "")
-        raise CheckpointError(f"{folder} does not match the {type(module).__name__} architecture its config "
-                              f"describes (missing: {show(missing) or 'none'}; unexpected: "
-                              f"{show(unexpected) or 'none'}); use the matching Z-Image checkpoint.")
-    sd, headers = {}, {}
-    for ours, (k, f) in where.items():
-        if f not in headers:
-            if not f.is_file():
-                raise CheckpointError(f"{f} is listed in the index but missing; re-download the checkpoint.")
-            headers[f] = _st_header(f)
-        header, start = headers[f]
-        if k not in header:
-            raise CheckpointError(f"{f} does not contain {k} although the index says so; re-download it.")
-        info = header[k]
-        if tuple(info["shape"]) != tuple(want[ours]):
-            raise CheckpointError(f"{folder}: {k} has shape {tuple(info['shape'])}, the config implies "
-                                  f"{tuple(want[ours])}; config.json and the weights do not belong together.")
-        t = _read_tensor(f, info, start)
-        sd[ours] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-    module.load_state_dict(sd, strict=True, assign=True)
-    return module.eval().requires_grad_(False)
-
-
-def _read_tensor(f: Path, info: dict, start: int) -> torch.Tensor:
-    """One tensor of a safetensors file, in its stored dtype, from its header entry."""
-    a, b = info["data_offsets"]
-    buf = torch.empty(b - a, dtype=torch.uint8)
-    with open(f, "rb") as fh:
-        fh.seek(start + a)
-        if fh.readinto(buf.numpy()) != b - a:
-            raise CheckpointError(f"{f} is truncated; re-download it.")
-    return buf.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-
-
-def read_stored(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The named tensors of a component folder as stored (stored dtype, CPU), whatever dtype the model was
-    loaded in: what identifies a checkpoint (a LoRA's base-model fingerprint) must not depend on the cast."""
-    files = _weight_files(folder)
-    out = {}
-    for k in names:
-        header, start = _st_header(files[k])
-        out[k] = _read_tensor(files[k], header[k], start)
-    return out
-
-
-def _on_meta(build):
-    with torch.device("meta"):
-        return build()
-
-
-def load_transformer(folder: Path, dtype=torch.float32, device="cpu") -> ZImageTransformer:
-    cfg = DiTConfig.from_json(folder / "config.json")
-    dit = load_weights(_on_meta(lambda: ZImageTransformer(cfg)), folder, dtype, device)
-    dit.stored_values = read_stored(folder, FINGERPRINT_TENSORS)
-    return dit
-
-
-def load_text_encoder(folder: Path, dtype=torch.float32, device="cpu") -> Qwen3TextEncoder:
-    cfg = TextEncoderConfig.from_json(folder / "config.json")
-    last = cfg.num_hidden_layers - 1
-    # Keys may carry Qwen3ForCausalLM's "model." prefix. lm_head, the final norm and the last decoder layer
-    # are stored but never influence hidden_states[-2]; they are dropped by name, everything else is strict.
-    strip = lambda k: k[len("model."):] if k.startswith("model.") else k
-    unused = lambda k: k == "lm_head.weight" or strip(k) == "norm.weight" or strip(k).startswith(f"layers.{last}.")
-    return load_weights(_on_meta(lambda: Qwen3TextEncoder(cfg)), folder, dtype, device, strip, unused)
-
-
-def load_vae(folder: Path, dtype=torch.float32, device="cpu") -> AutoencoderKL:
-    cfg = VAEConfig.from_json(folder / "config.json")
-    return load_weights(_on_meta(lambda: AutoencoderKL(cfg)), folder, dtype, device)
-
-
 def encode_text(text_encoder: Qwen3TextEncoder, tokenizer: Tokenizer, prompts: list[str]) -> list[torch.Tensor]:
     """Prompts -> list of (L_i, hidden) features, real tokens only; differentiable (the tiny model's
     pretraining trains its text encoder through this)."""
@@ -905,153 +763,8 @@ def encode_text(text_encoder: Qwen3TextEncoder, tokenizer: Tokenizer, prompts: l
     return [h[i, :len(x)] for i, x in enumerate(ids)]
 
 
-@dataclass
-class ZImage:
-    """Everything a Z-Image checkpoint directory holds, loaded."""
-    path: Path
-    transformer: ZImageTransformer
-    text_encoder: Qwen3TextEncoder | None
-    tokenizer: Tokenizer
-    vae: AutoencoderKL | None
-    vae_cfg: VAEConfig  # read even when the VAE weights are not loaded (training needs the latent shape)
-    scheduler: SchedulerConfig
-    defaults: dict  # sampling defaults stored with the checkpoint (zerase.json), may be empty
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.x_pad_token.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.x_pad_token.dtype
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return self.vae_cfg.scale_factor
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
-        """Prompts -> list of (L_i, cap_feat_dim) features: hidden_states[-2] of the chat-templated prompt,
-        real tokens only (spec §3.2)."""
-        if self.text_encoder is None:
-            raise RuntimeError("the text encoder was freed; encode prompts before calling free_text_encoder()")
-        return [h.to(self.dtype) for h in encode_text(self.text_encoder, self.tokenizer, prompts)]
-
-    def free_text_encoder(self) -> None:
-        self.text_encoder = None
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; use one of float32, bfloat16, float16.")
-    return table[name]
-
-
-def parse_device(name: str) -> torch.device:
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available here; use --device cpu.")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} was asked for but MPS is not available here; use --device cpu.")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unsupported device {name!r}; use cpu, cuda, cuda:N or mps.")
-    return dev
-
-
-def load_zimage(path, device="cpu", dtype: torch.dtype | None = None, text_encoder=True, vae=True) -> ZImage:
-    """Load a Z-Image checkpoint directory in the Hugging Face layout.
-
-    dtype: DiT and text-encoder dtype (default fp32 on CPU, bf16 elsewhere); the VAE always runs in fp32.
-    text_encoder / vae: set False to skip loading them (training needs neither once prompts are encoded).
-    """
-    path, device = Path(path), torch.device(device)
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a directory; pass --model the folder of a Z-Image checkpoint "
-                              f"(the one holding model_index.json).")
-    index = _read_json(path / "model_index.json")
-    if index.get("_class_name") != "ZImagePipeline":
-        raise CheckpointError(f"{path}/model_index.json describes {index.get('_class_name')!r}, not a "
-                              f"ZImagePipeline; pass a Z-Image checkpoint directory.")
-    if dtype is None:
-        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    defaults = _read_json(path / "zerase.json") if (path / "zerase.json").exists() else {}
-    return ZImage(
-        path=path,
-        transformer=load_transformer(path / "transformer", dtype, device),
-        text_encoder=load_text_encoder(path / "text_encoder", dtype, device) if text_encoder else None,
-        tokenizer=Tokenizer(path / "tokenizer" / "tokenizer.json"),
-        vae=load_vae(path / "vae", torch.float32, device) if vae else None,
-        vae_cfg=VAEConfig.from_json(path / "vae" / "config.json"),
-        scheduler=SchedulerConfig.from_json(path / "scheduler" / "scheduler_config.json"),
-        defaults=defaults,
-    )
-
-
-def die(msg: str, code: int = 2):
-    """End a command-line program on a user error: one sentence on stderr, no traceback."""
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(code)
-
-
-def atomic_write(path, write) -> None:
-    """Call write(tmp_path), then rename onto `path`, so an interrupted run never leaves a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def save_training_state(path, modules: dict, opts: dict, meta: dict, only=lambda k: True) -> None:
-    """A resumable training checkpoint: module and optimizer tensors in safetensors, the rest (step, λ,
-    optimizer hyper-parameters) as JSON in its metadata. `only` selects which module keys to keep."""
-    from safetensors.torch import save_file
-    tensors, groups = {}, {}
-    for name, m in modules.items():
-        tensors.update({f"{name}.{k}": v.detach().contiguous() for k, v in m.state_dict().items() if only(k)})
-    for name, opt in opts.items():
-        sd = opt.state_dict()
-        for idx, st in sd["state"].items():
-            for k, v in st.items():
-                tensors[f"opt.{name}.{idx}.{k}"] = torch.as_tensor(v).detach().contiguous().clone()
-        groups[name] = sd["param_groups"]
-    meta = {**meta, "param_groups": groups}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)}))
-
-
-def load_training_state(path, modules: dict, opts: dict, only=lambda k: True) -> dict:
-    """Inverse of save_training_state; returns its JSON metadata."""
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    for name, m in modules.items():
-        sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        with torch.no_grad():
-            for k, p in m.state_dict(keep_vars=True).items():
-                if only(k):
-                    p.copy_(sd[k])
-    for name, opt in opts.items():
-        state = {}
-        for k, v in tensors.items():
-            if k.startswith(f"opt.{name}."):
-                idx, key = k[len(f"opt.{name}."):].split(".", 1)
-                state.setdefault(int(idx), {})[key] = v
-        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"][name]})
-    return meta
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Preset: the configs of Tongyi-MAI/Z-Image-Turbo, written out once (shared/zimage-spec.md §1). Loading reads
+# Preset: the configs of Tongyi-MAI/Z-Image-Turbo, written out once (their config.json files). Loading reads
 # each checkpoint's own config.json; these are for building the real-size model without the files
 # (benchmarks, the meta-device key/shape test).
 

@@ -7,7 +7,7 @@ Sample images from Z-Image-Turbo (or the embedded tiny Z-Image) with the Turbo f
     python sample.py --lora loras/van-gogh.safetensors --compare     # base (top) vs erased (bottom), same seeds
     python sample.py --lora a.safetensors --lora b.safetensors       # two erasures averaged (Eq. 63)
 
-Conventions, stated once (shared/zimage-spec.md §6-7; the official Z-Erase release gets the first two wrong):
+Conventions, stated once (as diffusers' ZImagePipeline; the official Z-Erase release gets the first two wrong):
   - sigma runs 1 -> 0 on the schedule sigma_i = shift*s / (1 + (shift-1)*s), s = linspace(1, 1/N, N), then 0;
   - the DiT is called with t = 1 - sigma and predicts v ~ x0 - noise, so the Euler step is
     x <- x + (sigma_next - sigma) * (-v): the model output is NEGATED;
@@ -24,15 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import lora_file
 import zerase as Z
-from model import CheckpointError, ZImage, atomic_write, die, load_zimage, parse_device, parse_dtype, to_uint8
+from checkpoint import ZImage, load_zimage
+from cli import atomic_write, die, parse_device, parse_dtype
+from model import CheckpointError, to_uint8
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "zimage-tiny"
 TURBO = {"height": 1024, "width": 1024, "steps": 8, "guidance": 0.0}  # the official Turbo settings
 
 
 def turbo_sigmas(steps: int, shift: float) -> torch.Tensor:
-    """(steps + 1,) float32 sigmas from 1 down to 0 with the static shift (spec §6)."""
+    """(steps + 1,) float32 sigmas from 1 down to 0 with the static shift (FlowMatchEulerDiscreteScheduler)."""
     s = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float32)
     sigma = shift * s / (1 + (shift - 1) * s)
     return torch.cat([sigma, torch.zeros(1)])
@@ -159,7 +162,7 @@ def main(argv=None) -> Path:
             raise ValueError("--compare needs at least one --lora to compare the base model with.")
         files, weights = parse_loras(args.lora)
         if files:
-            Z.apply_loras(zi.transformer, files, weights)
+            lora_file.apply_loras(zi.transformer, files, weights)
     except (CheckpointError, ValueError) as e:  # LoRAFileError is a ValueError
         die(str(e))
     cond = zi.encode_prompts(prompts)

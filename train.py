@@ -5,23 +5,15 @@ Erase a concept from Z-Image with Z-Erase: train a token-gated LoRA (arXiv 2603.
     python train.py --concept "Van Gogh" --mode exact          # exact gradient surgery (Eqs. 11-12)
     python train.py --concept church --category entity --model weights/Z-Image-Turbo --device cuda
 
-One training step (Algorithm 1, implicit mode):
-  1. draw x_t from a pool of partial Turbo trajectories of the FROZEN model under the concept prompt, and
-     x_pr from trajectories under the preservation prompts (each with the prompt c_pr that made it);
-  2. frozen references (LoRA disabled, which is exactly θ): v_θ(x_t, c_er) per step (c_er is a fresh
-     word-shuffled variant); v_θ(x_t, ∅), v_θ(x_pr, ∅) and v_θ(x_pr, c_pr) once per pool, before the LoRA
-     exists;
-  3. with the LoRA: L_er = L_erase (Eq. 5) + L_attn (Eq. 6) on a word-shuffled concept prompt, L_pr (Eq. 8)
-     on (x_pr, ∅) and (x_pr, c_pr);
-  4. update the LoRA with L_total = L_er + λ L_pr (AdamW, lr α);
-  5. g̃ = (L_pr before - L_pr after)/α + ε (Eq. 15), L_pr measured on the SAME batch before and after the
-     update; λ ← max(0, λ - β g̃) for the next step. By default that batch is --pr-batch preservation
-     samples the update did not fit (--gtilde-batch fresh): measured on the training batch itself
-     (Algorithm 1 read literally) the update's own λ∇L_pr term lowers that batch's L_pr, g̃ reads as
-     "constraint satisfied" while L_pr rises on every other sample, and λ decays to ~0 (README). The fresh
-     batch is renewed every other step, so one step's "after" is the next step's "before" (same batch,
-     same parameters) and costs no forward pass.
-Prompts are encoded once and the text encoder is freed; the VAE is never loaded.
+The file reads as Algorithm 1. `prepare` builds its inputs: the frozen model θ_0, the erasure set D_er and
+the preservation set D_pr as pools of frozen-model trajectories with their frozen references, the LoRA
+Δθ = 0 and λ_0 = 0. `main` runs the loop; each kind of step is one small function:
+  - implicit_step: Algorithm 1 (L_total = L_er + λ L_pr, one backward; λ from g̃, Eqs. 13-15);
+  - exact_step:    the closed-form surgery d* (Eqs. 11-12, two backwards);
+  - fixed_step:    the static scalarisation baseline L_er + λ·L_pr with a constant λ (and L_er alone).
+x_t comes from the frozen model's own trajectories under the concept prompt (ESD-style), x_pr from its
+trajectories under the preservation prompts, so L_pr holds the model where those prompts go. Prompts are
+encoded once and the text encoder is freed; the VAE is never loaded.
 """
 from __future__ import annotations
 
@@ -29,14 +21,20 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-import model as M
+import checkpoint as C
+import lora_file
 import zerase as Z
+from cli import die, parse_device, parse_dtype
+from model import CheckpointError
 from sample import DEFAULT_MODEL, denoise, initial_noise, turbo_sigmas
 
 EPS_BY_CATEGORY = {"style": 1e-3, "nudity": 1e-3, "violence": 1e-3, "entity": 1e-2, "abstraction": 1e-2,
@@ -70,7 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--no-gate", action="store_true", help="baseline: naive LoRA on image and text tokens")
     p.add_argument("--losses", default="erase,attn,pr", help="subset of erase,attn,pr (Table 5 ablation)")
     p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--alpha", type=float, help="LoRA alpha (scale = alpha/rank); default = rank")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (scale = lora_alpha/rank); default = rank")
+    p.add_argument("--alpha", type=float, dest="deprecated_alpha", help=argparse.SUPPRESS)  # old --lora-alpha
     p.add_argument("--targets", default="to_q,to_k,to_v", help="projections of the unified layers to adapt")
     p.add_argument("--layers", default="all", help="unified layers to adapt: all, or e.g. 0,1,2")
     p.add_argument("--resolution", type=int, help="training image size in pixels (default: the model's own, "
@@ -93,10 +92,12 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Prompts: concept prompts (word-shuffled, concept tokens located again after each shuffle), preservation
+# Algorithm 1's inputs: D_er and D_pr as prompts, trajectory pools and frozen references
 
-def concept_prompts(zi: M.ZImage, concept: str, aliases: list[str], category: str, n: int, seed: int):
-    """n erase prompts c_er and, for each, the indices of the concept's tokens in its templated caption."""
+
+def concept_prompts(zi: C.ZImage, concept: str, aliases: list[str], category: str, n: int, seed: int):
+    """n erase prompts c_er (the Table 7 template, then word-shuffled variants) and, for each, the indices
+    of the concept's tokens in its templated caption, located again after every shuffle (§4.1)."""
     names = [concept] + aliases
     rng = random.Random(seed)
     base = [TEMPLATE_BY_CATEGORY[category].format(name) for name in names]
@@ -113,7 +114,7 @@ def concept_prompts(zi: M.ZImage, concept: str, aliases: list[str], category: st
     return prompts, tokens
 
 
-def preservation_prompts(zi: M.ZImage, args, names: list[str]) -> list[str]:
+def preservation_prompts(zi: C.ZImage, args, names: list[str]) -> list[str]:
     """D_pr: --preserve, else the model's stored list for the category, else GENERIC_PRESERVE; prompts that
     name the concept (or an alias, whole words, any case: the matcher that locates concept tokens) are left
     out, since preserving them would hold the model where the erasure must move it."""
@@ -130,70 +131,8 @@ def preservation_prompts(zi: M.ZImage, args, names: list[str]) -> list[str]:
     return kept
 
 
-# ---------------------------------------------------------------------------------------------------------
-# One step
-
-def preservation_inputs(batch: dict):
-    """The K preservation samples, each twice: (x_pr, ∅) then (x_pr, c_pr); x (2K, C, h, w), t (2K,), 2K captions."""
-    K = len(batch["x_pr"])
-    return (torch.cat([batch["x_pr"], batch["x_pr"]]), torch.cat([batch["t_pr"], batch["t_pr"]]),
-            [batch["cnull"]] * K + batch["cpr"])
-
-
-def pr_loss(v: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Eq. 8 from the LoRA model's velocities on preservation_inputs(batch), its expectation over C_pr
-    estimated on the K samples; the frozen references come with the pool."""
-    K = len(batch["x_pr"])
-    return Z.preservation_loss(v[:K], batch["ref_pr_null"]) + Z.preservation_loss(v[K:], batch["ref_pr"])
-
-
-def forward_losses(dit, spec: Z.LoRASpec, batch: dict, refs, eta, losses, probed: ExitStack):
-    """L_erase, L_attn, L_pr with the LoRA on: one batched DiT call for (x_t, c_er) and the K preservation
-    samples, each twice: (x_pr, ∅) and (x_pr, c_pr). The attention probe is entered on `probed` and stays
-    installed until the caller closes it after backward: with gradient checkpointing, backward recomputes
-    the layers and must see the same probe calls as the forward did."""
-    x_pr, t_pr, caps_pr = preservation_inputs(batch)
-    x = torch.cat([batch["x_t"], x_pr])  # (1 + 2K, C, h, w)
-    t = torch.cat([batch["t"], t_pr])
-    caps = [batch["cer"]] + caps_pr
-    lay = dit.layout([tuple(x.shape[-2:])] * len(caps), [len(c) for c in caps])
-    probe = Z.AttentionProbe(lay, [batch["cer_tokens"]] + [[]] * len(caps_pr))
-    probed.enter_context(Z.attention_probe(dit, spec.layers if "attn" in losses else (), probe))
-    v = dit(x, t, caps)
-    zero = v.new_zeros(()).float()
-    L_erase = Z.erase_loss(v[0], Z.erase_target(refs["null"], refs["cer"], eta)) if "erase" in losses else zero
-    L_attn = probe.loss() if "attn" in losses else zero  # Eq. 6
-    L_pr = pr_loss(v[1:], batch)  # Eq. 8
-    return L_erase, L_attn, L_pr  # Eq. 5 is L_erase
-
-
-@torch.no_grad()
-def references(dit, batch: dict) -> dict:
-    """Frozen-model predictions (LoRA disabled = θ exactly) for the erase target (Eq. 5): v_θ(x_t, c_er),
-    computed per step since c_er is a fresh word-shuffled variant, and v_θ(x_t, ∅), which comes with the
-    pool (frozen_velocities, batch["ref_null"]), as do v_θ(x_pr, ∅) and v_θ(x_pr, c_pr) for Eq. 8."""
-    with Z.lora_disabled(dit):
-        v = dit(batch["x_t"], batch["t"], [batch["cer"]])
-    return {"null": batch["ref_null"][0], "cer": v[0]}
-
-
-@torch.no_grad()
-def frozen_velocities(dit, x: torch.Tensor, sigma: torch.Tensor, conds: list[torch.Tensor], chunk: int = 16):
-    """v_θ(x_i, c_i, t_i = 1 - σ_i) of the frozen model for every state of a pool, in chunks. Called before
-    the LoRA exists: states and prompts that do not change during training get their references once."""
-    return torch.cat([dit(x[i:i + chunk], 1 - sigma[i:i + chunk].to(x.device), conds[i:i + chunk])
-                      for i in range(0, len(x), chunk)])
-
-
-@torch.no_grad()
-def preservation_value(dit, batch: dict) -> float:
-    """L_pr (Eq. 8) of the current LoRA on a batch of preservation samples, without gradients: the
-    measurements g̃ needs (Eq. 15), before and after an update on the same batch."""
-    return pr_loss(dit(*preservation_inputs(batch)), batch).item()
-
-
-def trajectory_pool(zi: M.ZImage, conds: list[torch.Tensor], cnull: torch.Tensor, seed: int, height: int,
-                    width: int, steps: int, guidance: float):
+def trajectory_pool(zi: C.ZImage, conds: list[Tensor], c_null: Tensor, seed: int, height: int, width: int,
+                    steps: int, guidance: float):
     """Partial trajectories of the frozen model: for len(conds) seeded noises, trajectory i sampled under
     conds[i] as sample.py samples (the model's stored steps and guidance; Turbo: 8 steps, no CFG), and
     every state x_{σ_k} it visits (k = 0..steps-1). Returns states (steps*n, C, h, w), their σ (steps*n,)
@@ -205,161 +144,379 @@ def trajectory_pool(zi: M.ZImage, conds: list[torch.Tensor], cnull: torch.Tensor
     for k in range(steps):
         xs.append(x.clone())
         sigmas.append(torch.full((n,), sig[k].item()))
-        x = denoise(zi.transformer, x, conds, sig[k:k + 2], [cnull] * n, guidance)  # one frozen Euler step
+        x = denoise(zi.transformer, x, conds, sig[k:k + 2], [c_null] * n, guidance)  # one frozen Euler step
     return torch.cat(xs), torch.cat(sigmas), torch.arange(n).repeat(steps)
+
+
+@torch.no_grad()
+def frozen_velocities(dit, x: Tensor, sigma: Tensor, conds: list[Tensor], chunk: int = 16) -> Tensor:
+    """v_θ(x_i, c_i, t_i = 1 - σ_i) of the frozen model for every state of a pool, in chunks. Called before
+    the LoRA exists: states and prompts that do not change during training get their references once."""
+    return torch.cat([dit(x[i:i + chunk], 1 - sigma[i:i + chunk].to(x.device), conds[i:i + chunk])
+                      for i in range(0, len(x), chunk)])
+
+
+@dataclass
+class ErasePool:
+    """D_er: states x_t of frozen trajectories under the concept prompt, and the erase prompts c_er."""
+    x: Tensor  # (n, C, h, w) fp32 states
+    t: Tensor  # (n,) the DiT's time t = 1 - σ
+    v_null: Tensor  # (n, C, h, w) v_θ(x_t, ∅), frozen (Eq. 5)
+    c_er: list[Tensor]  # encoded erase prompts (word-shuffled variants), each (L_variant, cap_feat_dim)
+    concept_tokens: list[list[int]]  # per variant: caption indices of the concept's tokens (Eq. 6)
+
+
+@dataclass
+class PreserveBatch:
+    """K preservation samples with their prompts and the frozen references of Eq. 8."""
+    x: Tensor  # (K, C, h, w)
+    t: Tensor  # (K,)
+    c_pr: list[Tensor]  # the prompt of each sample's trajectory
+    v_null: Tensor  # (K, C, h, w) v_θ(x_pr, ∅)
+    v_c: Tensor  # (K, C, h, w) v_θ(x_pr, c_pr)
+
+    def inputs(self, c_null: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Each sample twice, (x_pr, ∅) then (x_pr, c_pr): x (2K, C, h, w), t (2K,), 2K captions."""
+        return torch.cat([self.x, self.x]), torch.cat([self.t, self.t]), [c_null] * len(self.x) + self.c_pr
+
+
+@dataclass
+class PreservePool:
+    """D_pr: states x_pr of frozen trajectories under the preservation prompts, with their references."""
+    x: Tensor
+    t: Tensor
+    c_pr: list[Tensor]  # per state
+    v_null: Tensor
+    v_c: Tensor
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batch(self, idx: list[int]) -> PreserveBatch:
+        return PreserveBatch(self.x[idx], self.t[idx], [self.c_pr[i] for i in idx], self.v_null[idx],
+                             self.v_c[idx])
+
+
+def build_pools(zi: C.ZImage, args, c_er: list[Tensor], c_pr: list[Tensor], c_null: Tensor, size: int):
+    """The pools and their frozen references, computed once before the LoRA exists (it would not change
+    them: the LoRA is off for references). x_pr: at least one trajectory per preservation prompt."""
+    dit, steps, guidance = zi.transformer, zi.defaults.get("steps", 8), zi.defaults.get("guidance", 0.0)
+    x_t, sigma_t, _ = trajectory_pool(zi, [c_er[0]] * args.pool, c_null, args.seed, size, size, steps, guidance)
+    conds = [c_pr[i % len(c_pr)] for i in range(max(args.pool, len(c_pr)))]  # a prompt per trajectory
+    x_pr, sigma_pr, idx = trajectory_pool(zi, conds, c_null, args.seed + 1, size, size, steps, guidance)
+    per_state = [conds[i] for i in idx]
+    v_null = frozen_velocities(dit, x_t, sigma_t, [c_null] * len(x_t))  # v_θ(x_t, ∅)
+    v_pr_null = frozen_velocities(dit, x_pr, sigma_pr, [c_null] * len(x_pr))  # v_θ(x_pr, ∅)
+    v_pr = frozen_velocities(dit, x_pr, sigma_pr, per_state)  # v_θ(x_pr, c_pr)
+    return (x_t, 1 - sigma_t.to(zi.device), v_null), PreservePool(x_pr, 1 - sigma_pr.to(zi.device), per_state,
+                                                                  v_pr_null, v_pr)
+
+
+@dataclass
+class Run:
+    """Everything the loop reads and updates."""
+    args: argparse.Namespace
+    dit: torch.nn.Module
+    spec: Z.LoRASpec
+    erase: ErasePool
+    preserve: PreservePool
+    c_null: Tensor  # the empty prompt ∅, encoded
+    params: list[torch.nn.Parameter]  # Δθ
+    opt: torch.optim.Optimizer
+    eps: float
+    terms: set[str]  # the loss terms in use: erase, attn, pr (Table 5)
+    kind: str  # implicit | exact | fixed
+    meta: dict  # settings written into the LoRA file
+    out: Path
+    ckpt: Path
+    lam: float = 0.0  # λ_0 = 0 (Algorithm 1), or the fixed λ
+    step: int = 0
+    meter: "GTildeMeter | None" = None
+    log: object = None
+
+
+def resolve(args, zi: C.ZImage) -> dict:
+    """Settings that need the model: category, ε, layers, aliases; raises ValueError with the fix."""
+    args.category = args.category or zi.defaults.get("categories", {}).get(args.concept)
+    if args.category is None:
+        raise ValueError(f"no --category given for {args.concept!r} and the model does not know it; pass "
+                         f"--category with one of {', '.join(sorted(EPS_BY_CATEGORY))}.")
+    targets, n_layers = tuple(args.targets.split(",")), zi.transformer.cfg.n_layers
+    layers = tuple(range(n_layers)) if args.layers == "all" else tuple(int(i) for i in args.layers.split(","))
+    if not set(targets) <= {"to_q", "to_k", "to_v"} or not all(0 <= i < n_layers for i in layers):
+        raise ValueError(f"--targets must be among to_q,to_k,to_v and --layers within 0..{n_layers - 1}.")
+    lora_alpha = args.lora_alpha or args.deprecated_alpha or float(args.rank)
+    return {"eps": args.eps if args.eps is not None else EPS_BY_CATEGORY[args.category],
+            "aliases": args.alias or zi.defaults.get("aliases", {}).get(args.concept, []),
+            "spec": Z.LoRASpec(layers=layers, targets=targets, rank=args.rank, lora_alpha=lora_alpha,
+                               gated=not args.no_gate)}
+
+
+def check_flags(args) -> set[str]:
+    """Flags that need no model; returns the loss terms. Raises ValueError naming the flag."""
+    terms = set(args.losses.split(","))
+    if not terms or not terms <= {"erase", "attn", "pr"}:
+        raise ValueError(f"--losses must be a subset of erase,attn,pr (got {args.losses!r}).")
+    if min(args.steps, args.rank, args.pool, args.variants, args.pr_batch, args.checkpoint_every) < 1 \
+            or args.lr <= 0:
+        raise ValueError("--steps, --lr, --rank, --pool, --variants, --pr-batch, --checkpoint-every must be > 0.")
+    if min(args.eps if args.eps is not None else 0, args.fixed_lambda or 0) < 0:
+        raise ValueError("--eps and --fixed-lambda must be >= 0 (a negative λ rewards raising L_pr).")
+    if args.deprecated_alpha is not None:
+        print("warning: --alpha is deprecated; it is the LoRA alpha, now spelled --lora-alpha.", file=sys.stderr)
+    return terms
+
+
+def prepare(args) -> Run:
+    """Check the flags, load θ_0, build D_er and D_pr with their frozen references, add Δθ = 0 (Algorithm 1's
+    input), and resume from the training checkpoint if asked."""
+    terms = check_flags(args)
+    zi = C.load_zimage(args.model, parse_device(args.device), parse_dtype(args.dtype) if args.dtype else None,
+                       vae=False)
+    s = resolve(args, zi)
+    cer_prompts, cer_tokens = concept_prompts(zi, args.concept, s["aliases"], args.category, args.variants,
+                                              args.seed)
+    cpr_prompts = preservation_prompts(zi, args, [args.concept] + s["aliases"])
+    out = Path(args.out or f"loras/{args.concept.lower().replace(' ', '-')}.safetensors")
+    feats = zi.encode_prompts(cer_prompts + cpr_prompts + [""])  # every prompt once, then the encoder goes
+    c_er, c_pr, c_null = feats[:len(cer_prompts)], feats[len(cer_prompts):-1], feats[-1]
+    zi.free_text_encoder()
+    dit = zi.transformer
+    dit.gradient_checkpointing = args.gradient_checkpointing
+    (x, t, v_null), preserve = build_pools(zi, args, c_er, c_pr, c_null, args.resolution or
+                                           zi.defaults.get("height", 1024))
+    params = Z.add_lora(dit, s["spec"], seed=args.seed)
+    kind = "fixed" if args.fixed_lambda is not None or "pr" not in terms else args.mode
+    run = Run(args, dit, s["spec"], ErasePool(x, t, v_null, c_er, cer_tokens), preserve, c_null, params,
+              torch.optim.AdamW(params, lr=args.lr), s["eps"], terms, kind, settings(args, zi, s, terms), out,
+              out.with_suffix(".ckpt.safetensors"), lam=args.fixed_lambda or 0.0)
+    if kind == "implicit":
+        run.meter = GTildeMeter(fresh=args.gtilde_batch == "fresh")
+    if args.resume and run.ckpt.exists():
+        state = C.load_training_state(run.ckpt, {"lora": dit}, {"opt": run.opt}, only=lambda k: "lora_" in k)
+        run.lam, run.step = state["lambda"], state["step"]
+        print(f"resumed from {run.ckpt} at step {run.step}")
+    run.log = open_log(out.with_suffix(".jsonl"), run.step if args.resume else 0)
+    return run
+
+
+def settings(args, zi: C.ZImage, s: dict, terms: set[str]) -> dict:
+    """The run's settings as the LoRA file records them."""
+    return {"concept": args.concept, "category": args.category, "aliases": s["aliases"], "eps": s["eps"],
+            "eta": args.eta, "lr": args.lr, "beta": args.beta, "steps": args.steps, "mode": args.mode,
+            "losses": sorted(terms), "fixed_lambda": args.fixed_lambda, "seed": args.seed, "pool": args.pool,
+            "pr_batch": args.pr_batch, "gtilde_batch": args.gtilde_batch,
+            "dtype": str(zi.dtype).removeprefix("torch."), "gradient_checkpointing": args.gradient_checkpointing}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One step
+
+
+@dataclass
+class EraseSample:
+    """One draw from D_er: a state x_t with its time, v_θ(x_t, ∅), and an erase prompt c_er."""
+    x: Tensor  # (1, C, h, w)
+    t: Tensor  # (1,)
+    v_null: Tensor  # (C, h, w)
+    c_er: Tensor
+    concept_tokens: list[int]
+
+
+def draw(run: Run, step: int) -> tuple[EraseSample, PreserveBatch]:
+    """Algorithm 1: sample c_er ~ D_er (with x_t) and K samples c_pr ~ D_pr. Everything a step draws is a
+    function of (seed, step), so a resumed run draws what the uninterrupted one did."""
+    rng = random.Random(run.args.seed * 1_000_003 + step)
+    e = run.erase
+    j, variant = rng.randrange(len(e.x)), rng.randrange(len(e.c_er))
+    er = EraseSample(e.x[j:j + 1], e.t[j:j + 1], e.v_null[j], e.c_er[variant], e.concept_tokens[variant])
+    return er, run.preserve.batch([rng.randrange(len(run.preserve)) for _ in range(run.args.pr_batch)])
+
+
+def pr_loss(v: Tensor, pr: PreserveBatch) -> Tensor:
+    """Eq. 8 from the LoRA model's velocities on pr.inputs(): the (x_pr, ∅) and (x_pr, c_pr) terms, the
+    expectation over D_pr estimated on the K samples; the frozen references come with the pool."""
+    K = len(pr.x)
+    return Z.preservation_loss(v[:K], pr.v_null) + Z.preservation_loss(v[K:], pr.v_c)
+
+
+def losses(run: Run, er: EraseSample, pr: PreserveBatch, probed: ExitStack) -> tuple[Tensor, Tensor, Tensor]:
+    """L_erase (Eq. 5), L_attn (Eq. 6), L_pr (Eq. 8) with the LoRA on, from one batched DiT call on
+    (x_t, c_er) and the K preservation samples, each twice. The attention probe is entered on `probed`;
+    the caller closes it after backward (gradient checkpointing recomputes the probed layers there)."""
+    dit = run.dit
+    with torch.no_grad(), Z.lora_disabled(dit):  # frozen reference v_θ(x_t, c_er), per step: c_er varies
+        v_c = dit(er.x, er.t, [er.c_er])[0]
+    x_pr, t_pr, caps_pr = pr.inputs(run.c_null)
+    x, t, caps = torch.cat([er.x, x_pr]), torch.cat([er.t, t_pr]), [er.c_er] + caps_pr  # (1 + 2K, C, h, w)
+    lay = dit.layout([tuple(x.shape[-2:])] * len(caps), [len(c) for c in caps])
+    probe = Z.AttentionProbe(lay, [er.concept_tokens] + [[]] * len(caps_pr))
+    probed.enter_context(Z.attention_probe(dit, run.spec.layers if "attn" in run.terms else (), probe))
+    v = dit(x, t, caps)
+    zero = v.new_zeros(()).float()
+    L_erase = Z.erase_loss(v[0], Z.erase_target(er.v_null, v_c, run.args.eta)) if "erase" in run.terms else zero
+    L_attn = probe.loss() if "attn" in run.terms else zero  # Eq. 6
+    return L_erase, L_attn, pr_loss(v[1:], pr)
+
+
+@torch.no_grad()
+def pr_value(run: Run, pr: PreserveBatch) -> float:
+    """L_pr (Eq. 8) of the current LoRA on a preservation batch, without gradients."""
+    return pr_loss(run.dit(*pr.inputs(run.c_null)), pr).item()
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def record(step: int, L_erase: Tensor, L_attn: Tensor, L_pr: Tensor, lam: float) -> dict:
+    """The step's log record (raises NonFiniteLoss before anything is updated if a loss is NaN/inf)."""
+    rec = {"step": step + 1, "L_erase": L_erase.item(), "L_attn": L_attn.item(), "L_pr": L_pr.item(),
+           "lambda": lam}
+    if not all(math.isfinite(rec[k]) for k in ("L_erase", "L_attn", "L_pr")):
+        raise NonFiniteLoss(step + 1)
+    return rec
+
+
+class GTildeMeter:
+    """The two L_pr values g̃ compares (Eq. 15): before and after an update, on the same batch.
+
+    fresh=False: the training batch itself (Algorithm 1 read literally; the "before" is the loss the step
+    was trained on). fresh=True: K preservation samples the update did not fit, so that g̃ follows the
+    expected L_pr rather than the batch just fitted (measured in the README: on the training batch λ
+    decays to ~0 while L_pr rises elsewhere). A fresh batch serves a pair of steps (2p, 2p+1): step 2p's
+    "after" is measured at the parameters step 2p+1 starts from, so it is also step 2p+1's "before".
+    """
+
+    def __init__(self, fresh: bool):
+        self.fresh, self.carried = fresh, None
+
+    def batch(self, run: Run, step: int, train_batch: PreserveBatch) -> PreserveBatch:
+        if not self.fresh:
+            return train_batch
+        rng = random.Random(f"{run.args.seed}/measure/{step // 2}")
+        return run.preserve.batch([rng.randrange(len(run.preserve)) for _ in range(run.args.pr_batch)])
+
+    def before(self, run: Run, batch: PreserveBatch) -> float | None:
+        """L_pr(θ_before) of a fresh batch (None for the training batch: its value comes from the step)."""
+        if not self.fresh:
+            return None
+        return self.carried if self.carried is not None else pr_value(run, batch)
+
+    def after(self, run: Run, step: int, batch: PreserveBatch) -> float:
+        """L_pr(θ_after) on the same batch; kept as the next step's "before" when that step shares the batch."""
+        value = pr_value(run, batch)
+        self.carried = value if self.fresh and step % 2 == 0 else None
+        return value
+
+
+def implicit_step(run: Run, step: int) -> dict:
+    """Algorithm 1, one iteration: L_total = L_er + λ L_pr, one backward, then g̃ (Eq. 15) and λ (Eq. 13)."""
+    er, pr = draw(run, step)
+    measured = run.meter.batch(run, step, pr)
+    L_before = run.meter.before(run, measured)  # L_pr(θ_{t-1}) on the measurement batch
+    probed = ExitStack()
+    L_erase, L_attn, L_pr = losses(run, er, pr, probed)
+    rec = record(step, L_erase, L_attn, L_pr, run.lam)
+    run.opt.zero_grad(set_to_none=True)
+    (L_erase + L_attn + run.lam * L_pr).backward()  # L_total = L_er + λ L_pr (Eq. 7, Algorithm 1)
+    probed.close()
+    run.opt.step()  # AdamW by default, as the paper trains; α in Eq. 15 is its learning rate (zerase.py, [7])
+    L_before = rec["L_pr"] if L_before is None else L_before
+    L_after = run.meter.after(run, step, measured)  # L_pr(θ_t), same batch
+    g = Z.g_tilde(L_before, L_after, run.args.lr, run.eps)  # Eq. 15
+    run.lam = Z.update_lambda(run.lam, g, run.args.beta)  # Eq. 13: λ ← max(0, λ − β g̃), for the next step
+    rec.update(L_pr_after=L_after, g_tilde=g)
+    if run.meter.fresh:
+        rec.update(L_pr_before_measured=L_before)
+    return rec
+
+
+def exact_step(run: Run, step: int) -> dict:
+    """The exact modulation: ∇L_er and ∇L_pr by two backwards, d* and λ* in closed form (Eqs. 11-12)."""
+    er, pr = draw(run, step)
+    probed = ExitStack()
+    L_erase, L_attn, L_pr = losses(run, er, pr, probed)
+    record(step, L_erase, L_attn, L_pr, run.lam)  # the finiteness check, before any gradient
+    run.opt.zero_grad(set_to_none=True)
+    g_er = torch.autograd.grad(L_erase + L_attn, run.params, retain_graph=True, materialize_grads=True)  # ∇L_er
+    g_pr = torch.autograd.grad(L_pr, run.params, materialize_grads=True)  # ∇L_pr, the second backward
+    d, lam_star = Z.d_star_per_param(g_er, g_pr, run.eps)  # Eqs. 11-12
+    for p, d_p in zip(run.params, d):
+        p.grad = d_p  # the optimiser steps along d* (AdamW: its rescaling of d*, zerase.py note [7])
+    probed.close()
+    run.opt.step()
+    run.lam = float(lam_star)
+    return record(step, L_erase, L_attn, L_pr, run.lam)
+
+
+def fixed_step(run: Run, step: int) -> dict:
+    """The static-weighting baseline: L_er + λ L_pr with a constant λ (--fixed-lambda), or L_er alone."""
+    er, pr = draw(run, step)
+    probed = ExitStack()
+    L_erase, L_attn, L_pr = losses(run, er, pr, probed)
+    rec = record(step, L_erase, L_attn, L_pr, run.lam)
+    run.opt.zero_grad(set_to_none=True)
+    L_er = L_erase + L_attn
+    (L_er + run.lam * L_pr if "pr" in run.terms else L_er).backward()
+    probed.close()
+    run.opt.step()
+    return rec
+
+
+STEPS = {"implicit": implicit_step, "exact": exact_step, "fixed": fixed_step}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Around the loop: the per-step log, training checkpoints, the finished LoRA file
+
+
+def open_log(path: Path, keep: int):
+    """<out>.jsonl, one record per step; on resume the records of the first `keep` steps are kept and those
+    past the checkpoint are dropped."""
+    old = path.read_text().splitlines() if keep and path.exists() else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(path, "w")
+    log.writelines(line + "\n" for line in old[:keep])
+    return log
+
+
+def save_state(run: Run) -> None:
+    run.log.flush()
+    C.save_training_state(run.ckpt, {"lora": run.dit}, {"opt": run.opt}, {"step": run.step, "lambda": run.lam},
+                          only=lambda k: "lora_" in k)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        device = M.parse_device(args.device)
-        dtype = M.parse_dtype(args.dtype) if args.dtype else None
-        losses = set(args.losses.split(","))
-        if not losses or not losses <= {"erase", "attn", "pr"}:
-            raise ValueError(f"--losses must be a subset of erase,attn,pr (got {args.losses!r}).")
-        if min(args.steps, args.rank, args.pool, args.variants, args.pr_batch, args.checkpoint_every) < 1 \
-                or args.lr <= 0:
-            raise ValueError("--steps, --lr, --rank, --pool, --variants, --pr-batch, --checkpoint-every must be "
-                             "> 0.")
-        if min(args.eps if args.eps is not None else 0, args.fixed_lambda or 0) < 0:
-            raise ValueError("--eps and --fixed-lambda must be >= 0 (a negative λ rewards raising L_pr).")
-        zi = M.load_zimage(args.model, device, dtype, vae=False)
-        stored_cats = zi.defaults.get("categories", {})
-        args.category = args.category or stored_cats.get(args.concept)
-        if args.category is None:
-            raise ValueError(f"no --category given for {args.concept!r} and the model does not know it; pass "
-                             f"--category with one of {', '.join(sorted(EPS_BY_CATEGORY))}.")
-        eps = args.eps if args.eps is not None else EPS_BY_CATEGORY[args.category]
-        targets = tuple(args.targets.split(","))
-        n_layers = zi.transformer.cfg.n_layers
-        layers = tuple(range(n_layers)) if args.layers == "all" else tuple(int(i) for i in args.layers.split(","))
-        if not set(targets) <= {"to_q", "to_k", "to_v"} or not all(0 <= i < n_layers for i in layers):
-            raise ValueError(f"--targets must be among to_q,to_k,to_v and --layers within 0..{n_layers - 1}.")
-        aliases = args.alias or zi.defaults.get("aliases", {}).get(args.concept, [])
-        cer_prompts, cer_tokens = concept_prompts(zi, args.concept, aliases, args.category, args.variants, args.seed)
-        cpr_prompts = preservation_prompts(zi, args, [args.concept] + aliases)
-    except (M.CheckpointError, ValueError) as e:
-        M.die(str(e))
-    out = Path(args.out or f"loras/{args.concept.lower().replace(' ', '-')}.safetensors")
-    ckpt, log_path = out.with_suffix(".ckpt.safetensors"), out.with_suffix(".jsonl")
-    spec = Z.LoRASpec(layers=layers, targets=targets, rank=args.rank, alpha=args.alpha or float(args.rank),
-                      gated=not args.no_gate)
-    height = width = args.resolution or zi.defaults.get("height", 1024)
-    steps_turbo = zi.defaults.get("steps", 8)
-
-    # Encode every prompt once, then free the text encoder (DESIGN §6.7).
-    feats = zi.encode_prompts(cer_prompts + cpr_prompts + [""])
-    cer_feats, cpr_feats, cnull = feats[:len(cer_prompts)], feats[len(cer_prompts):-1], feats[-1]
-    zi.free_text_encoder()
-    dit = zi.transformer
-    dit.gradient_checkpointing = args.gradient_checkpointing
-    # x_t for the erase loss: trajectories under the concept prompt (ESD-style); x_pr for the preservation
-    # loss: trajectories under the preservation prompts, so L_pr holds the model where those prompts go.
-    guidance = zi.defaults.get("guidance", 0.0)
-    pool_x, pool_sigma, _ = trajectory_pool(zi, [cer_feats[0]] * args.pool, cnull, args.seed, height, width,
-                                            steps_turbo, guidance)
-    # One trajectory per preservation prompt at least (a pool smaller than the prompt list would silently
-    # never preserve the prompts at its end).
-    pr_conds = [cpr_feats[i % len(cpr_feats)] for i in range(max(args.pool, len(cpr_feats)))]
-    pr_x, pr_sigma, pr_idx = trajectory_pool(zi, pr_conds, cnull, args.seed + 1, height, width, steps_turbo,
-                                             guidance)
-
-    ref_null = frozen_velocities(dit, pool_x, pool_sigma, [cnull] * len(pool_x))  # v_θ(x_t, ∅)
-    ref_pr_null = frozen_velocities(dit, pr_x, pr_sigma, [cnull] * len(pr_x))  # v_θ(x_pr, ∅)
-    ref_pr = frozen_velocities(dit, pr_x, pr_sigma, [pr_conds[i] for i in pr_idx])  # v_θ(x_pr, c_pr)
-
-    params = Z.add_lora(dit, spec, seed=args.seed)
-    opt = torch.optim.AdamW(params, lr=args.lr)
-    lam = args.fixed_lambda if args.fixed_lambda is not None else 0.0  # Algorithm 1: λ_0 = 0, or the fixed λ
-    step = 0
-    if args.resume and ckpt.exists():
-        meta = M.load_training_state(ckpt, {"lora": dit}, {"opt": opt}, only=lambda k: "lora_" in k)
-        lam, step = meta["lambda"], meta["step"]
-        print(f"resumed from {ckpt} at step {step}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    old = log_path.read_text().splitlines() if args.resume and log_path.exists() else []
-    log = open(log_path, "w")
-    log.writelines(line + "\n" for line in old[:step])  # resume: drop records of steps past the checkpoint
+        run = prepare(args)
+    except (CheckpointError, ValueError) as e:
+        die(str(e))
     from tqdm import tqdm
-    bar = tqdm(total=args.steps, initial=step, desc=f"erasing {args.concept!r}")
-    def pr_batch(jp: list[int]) -> dict:
-        """Preservation samples jp of the pool with their prompts and frozen references."""
-        return {"x_pr": pr_x[jp], "t_pr": 1 - pr_sigma[jp].to(device), "cnull": cnull,
-                "cpr": [pr_conds[pr_idx[i]] for i in jp], "ref_pr_null": ref_pr_null[jp], "ref_pr": ref_pr[jp]}
-
-    implicit = args.mode == "implicit" and "pr" in losses and args.fixed_lambda is None
-    fresh = implicit and args.gtilde_batch == "fresh"
-    carried = None  # L_pr after an even step on its measurement batch = the next step's "before"; else None
+    bar = tqdm(total=args.steps, initial=run.step, desc=f"erasing {args.concept!r}")
     t_start = time.time()
-    while step < args.steps:
-        g = random.Random(args.seed * 1_000_003 + step)  # everything a step draws is a function of the step
-        j, v = g.randrange(len(pool_x)), g.randrange(len(cer_feats))
-        batch = {"x_t": pool_x[j:j + 1], "t": 1 - pool_sigma[j:j + 1].to(device),  # the DiT's time t = 1 - σ
-                 "ref_null": ref_null[j:j + 1], "cer": cer_feats[v], "cer_tokens": cer_tokens[v],
-                 **pr_batch([g.randrange(len(pr_x)) for _ in range(args.pr_batch)])}
-        # The batch g̃ is measured on (before and after the update): the training batch itself (Algorithm 1
-        # as written), or, with --gtilde-batch fresh, K other preservation samples that the update did not
-        # see, so that g̃ estimates the change of the expected L_pr rather than of the batch just fitted.
-        # Fresh batches are drawn per pair of steps (2p, 2p+1): step 2p's "after" is step 2p+1's "before".
-        measure = batch
-        if fresh:
-            gm = random.Random(f"{args.seed}/measure/{step // 2}")
-            measure = pr_batch([gm.randrange(len(pr_x)) for _ in range(args.pr_batch)])
-            L_pr_before_m = carried if carried is not None else preservation_value(dit, measure)
-        refs = references(dit, batch)
-        probed = ExitStack()  # the attention probe, installed by forward_losses, removed after backward
-        L_erase, L_attn, L_pr = forward_losses(dit, spec, batch, refs, args.eta, losses, probed)
-        L_er = L_erase + L_attn  # Eq. 7
-        use_pr = "pr" in losses
-        if not all(math.isfinite(x.item()) for x in (L_erase, L_attn, L_pr)):
-            bar.close()
-            last = f"the last good checkpoint is {ckpt} (--resume)" if ckpt.exists() else "no checkpoint yet"
-            M.die(f"the loss became NaN/inf at step {step + 1}; {last}; lower --lr / --eta.", code=3)
-        opt.zero_grad(set_to_none=True)
-        if args.mode == "exact" and use_pr and args.fixed_lambda is None:
-            g_er = torch.autograd.grad(L_er, params, retain_graph=True, materialize_grads=True)  # ∇L_er
-            g_pr = torch.autograd.grad(L_pr, params, materialize_grads=True)  # backward 2: ∇L_pr
-            d, lam_star = Z.d_star_per_param(g_er, g_pr, eps)  # Eqs. 11-12
-            for p, di in zip(params, d):
-                p.grad = di
-            lam = float(lam_star)
-        else:
-            weight = args.fixed_lambda if args.fixed_lambda is not None else lam
-            (L_er + weight * L_pr if use_pr else L_er).backward()  # Algorithm 1: L_total = L_er + λ L_pr
-        probed.close()
-        opt.step()
-
-        rec = {"step": step + 1, "L_erase": L_erase.item(), "L_attn": L_attn.item(), "L_pr": L_pr.item(),
-               "lambda": lam}
-        if implicit:
-            L_pr_before = L_pr_before_m if fresh else L_pr.item()
-            L_pr_after = preservation_value(dit, measure)
-            carried = L_pr_after if fresh and step % 2 == 0 else None
-            gt = Z.g_tilde(L_pr_before, L_pr_after, args.lr, eps)  # Eq. 15, same batch before/after
-            lam = Z.update_lambda(lam, gt, args.beta)  # λ ← max(0, λ - β g̃)
-            rec.update(L_pr_after=L_pr_after, g_tilde=gt)
-            if fresh:
-                rec.update(L_pr_before_measured=L_pr_before)
-        step += 1
-        log.write(json.dumps(rec) + "\n")
-        bar.set_postfix(L_er=f"{L_er.item():.4f}", L_attn=f"{L_attn.item():.3f}", L_pr=f"{L_pr.item():.2e}",
-                        lam=f"{lam:.3f}")
-        bar.update()
-        if step % args.checkpoint_every == 0 or step == args.steps:
-            log.flush()
-            M.save_training_state(ckpt, {"lora": dit}, {"opt": opt}, {"step": step, "lambda": lam},
-                                  only=lambda k: "lora_" in k)
+    with run.log:  # closed (flushed) however the loop ends; resume drops records past the checkpoint
+        while run.step < args.steps:
+            try:
+                rec = STEPS[run.kind](run, run.step)
+            except NonFiniteLoss as e:
+                bar.close()
+                last = f"the last good checkpoint is {run.ckpt} (--resume)" if run.ckpt.exists() else \
+                    "no checkpoint yet"
+                die(f"the loss became NaN/inf at step {e.args[0]}; {last}; lower --lr / --eta.", code=3)
+            run.step += 1
+            run.log.write(json.dumps(rec) + "\n")
+            bar.set_postfix(L_er=f"{rec['L_erase'] + rec['L_attn']:.4f}", L_attn=f"{rec['L_attn']:.3f}",
+                            L_pr=f"{rec['L_pr']:.2e}", lam=f"{run.lam:.3f}")
+            bar.update()
+            if run.step % args.checkpoint_every == 0 or run.step == args.steps:
+                save_state(run)
     bar.close()
-    log.close()
-    meta = {"concept": args.concept, "category": args.category, "aliases": aliases, "eps": eps, "eta": args.eta,
-            "lr": args.lr, "beta": args.beta, "steps": args.steps, "mode": args.mode, "losses": sorted(losses),
-            "fixed_lambda": args.fixed_lambda, "seed": args.seed, "pool": args.pool, "pr_batch": args.pr_batch,
-            "gtilde_batch": args.gtilde_batch, "dtype": str(zi.dtype).removeprefix("torch."),
-            "gradient_checkpointing": args.gradient_checkpointing,
-            "train_seconds": round(time.time() - t_start, 1)}
-    Z.save_lora(out, dit, spec, base=Z.base_fingerprint(dit), settings=meta)
-    print(f"wrote {out} ({sum(p.numel() for p in params):,} parameters; log {log_path})")
-    return out
+    meta = {**run.meta, "train_seconds": round(time.time() - t_start, 1)}
+    lora_file.save_lora(run.out, run.dit, run.spec, base=lora_file.base_fingerprint(run.dit), settings=meta)
+    print(f"wrote {run.out} ({sum(p.numel() for p in run.params):,} parameters; log {run.log.name})")
+    return run.out
 
 
 if __name__ == "__main__":

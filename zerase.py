@@ -1,33 +1,20 @@
 """
-Z-Erase: Concept Erasure for Single-Stream Diffusion Transformers (arXiv 2603.25074).
+Z-Erase: Concept Erasure for Single-Stream Diffusion Transformers (arXiv 2603.25074), the method alone.
 
-The method, top to bottom (train.py runs it; sample.py and evaluate.py apply its LoRA files):
-  - Lagrangian-guided adaptive erasure modulation (§4.2, Appendix B): the constrained update direction
-    d* and its multiplier λ* in closed form (the "exact" mode, two backward passes), and the implicit
-    λ update driven by the observed change of L_pr (the paper's default, one backward pass) — pure
-    functions, tensors in, tensors out;
-  - the stream-disentangled token-gated LoRA (§4.1, Eq. 4) and multi-LoRA merging (Appendix F, Eq. 63);
-  - the erasure and preservation objectives (Eqs. 5-8) and the keyword localisation they need;
-  - the LoRA file format (the only I/O here).
+In the paper's order:
+  1. the stream-disentangled token-gated LoRA (§4.1, Eq. 4);
+  2. the erasure and preservation objectives (Eqs. 5-8);
+  3. keyword localisation with word shuffling (§4.1);
+  4. the Lagrangian-guided adaptive erasure modulation (§4.2, Eqs. 9-15, Appendix B);
+  5. multi-LoRA merging (Appendix F, Eq. 63).
+Pure functions and small modules: tensors in, tensors out, no files and no command line. train.py runs
+Algorithm 1 with them; lora_file.py writes and reads the LoRA; sample.py and evaluate.py apply it. The
+derivations behind the one-line docstrings are in the notes at the end of this file, [1] to [7].
 
-Sign convention, stated once. The paper writes every parameter update as a descent step
-
-    θ_{t+1} = θ_t - α·d_t                                   (Appendix B.3, Eq. 28)
-
-and calls d_t the "erasure direction": unconstrained, d = ∇L_er, i.e. plain gradient descent on L_er.
-Eq. 9 picks d to maximise the first-order decrease of L_er, ∇L_er·d - ½‖d‖², subject to
-
-    ∇L_pr·d ≥ -ε,
-
-which reads: the first-order change of L_pr in one step, L_pr(θ - α·d) - L_pr(θ) ≈ -α ∇L_pr·d, is at
-most αε. So ε is a per-step *budget for the rise* of L_pr (in units of the learning rate), not a
-threshold on L_pr itself; ε ≥ 0 lets mildly conflicting gradients through untouched (Fig. 4, left).
-Everything below is written in this convention: d is what gets *subtracted* from θ, scaled by α.
+Sign convention (Appendix B.3, Eq. 28): every update is a descent step θ_{t+1} = θ_t − α·d_t, and d is
+what gets subtracted. Unconstrained, d = ∇L_er.
 """
 
-import dataclasses
-import hashlib
-import json
 import math
 import random
 import re
@@ -42,146 +29,28 @@ from torch.utils.checkpoint import checkpoint
 
 import model as M
 
-# --- Lagrangian-guided adaptive erasure modulation (§4.2, Appendix B)
+# ---------------------------------------------------------------------------------------------------------
+# 1. Stream-disentangled token-gated LoRA (§4.1, Eq. 4):  H' = H W + S_T H ΔW
 #
-# Gradients are flat 1-D tensors, g_er = ∇L_er(θ_t) and g_pr = ∇L_pr(θ_t) over all trainable parameters
-# (d_star_per_param below does the flattening). Any float dtype works; the computation stays in it.
-# Scalars follow one rule: a scalar derived from gradient tensors (λ*, the dual objective) is a 0-d
-# tensor on the gradients' device and dtype, so the exact mode never forces a host sync; a scalar
-# derived from hyperparameters and logged loss values (α, β, ε, g̃, the running λ of the implicit mode)
-# is a python float. Functions taking λ accept either, since a 0-d tensor and a float broadcast alike.
-#
-# Geometry worth keeping in mind: ∇L_er·d - ½‖d‖² = -½‖d - ∇L_er‖² + const, so Eq. 9 is the Euclidean
-# projection of ∇L_er onto the half-space {d : ∇L_pr·d ≥ -ε}. That is why the answer is "gradient
-# surgery" (Eq. 11): keep ∇L_er if it is inside, else push it along ∇L_pr onto the boundary.
-
-
-def dual_objective(lam: float | Tensor, g_er: Tensor, g_pr: Tensor, eps: float) -> Tensor:
-    """Eq. 10: L_t(λ) = ½‖∇L_er + λ∇L_pr‖² + λε, the Lagrange dual of Eq. 9, to be minimised over λ ≥ 0.
-
-    It is max_d of the Lagrangian Eq. 18; the maximiser is d = ∇L_er + λ∇L_pr (Eq. 20). Returns a 0-d
-    tensor. Convex in λ (a quadratic with curvature ‖∇L_pr‖² ≥ 0).
-    """
-    d = g_er + lam * g_pr  # Eq. 20
-    return 0.5 * (d @ d) + lam * eps  # Eq. 10 / Eq. 22
-
-
-def lambda_star(g_er: Tensor, g_pr: Tensor, eps: float) -> Tensor:
-    """Eq. 12, projected onto λ ≥ 0: the exact minimiser of the dual Eq. 10 over λ ≥ 0 (0-d tensor).
-
-    Eq. 12 is the stationary point of the dual (Eq. 23 set to zero). The paper states it without the
-    projection and applies "λ* > 0" as a case split in Eq. 11; we clamp instead, which is the same
-    thing: the dual is a convex 1-D quadratic, so its minimiser on [0, ∞) is the unconstrained one
-    clamped at 0, and λ* = 0 means "no conflict beyond ε" (d* = ∇L_er). A conflict exists exactly when
-    ∇L_er·∇L_pr < -ε.
-
-    Degenerate case ∇L_pr = 0: there is no constraint direction, the constraint 0 ≥ -ε holds for every d,
-    the dual is ½‖∇L_er‖² + λε, minimised at λ = 0. We return 0 without dividing by zero.
-    """
-    if eps < 0:
-        # With ε < 0 and ∇L_pr = 0 Eq. 9 is infeasible (0 ≥ -ε fails); ε is a tolerance, so ε ≥ 0.
-        raise ValueError(f"the tolerance ε must be >= 0, got {eps}")
-    g_pr_sq = g_pr @ g_pr  # ‖∇L_pr‖²
-    has_constraint = g_pr_sq > 0
-    safe_den = torch.where(has_constraint, g_pr_sq, torch.ones_like(g_pr_sq))  # only to avoid 0/0
-    lam = (-(g_er @ g_pr) - eps) / safe_den  # Eq. 12
-    lam = torch.where(has_constraint, lam, torch.zeros_like(lam))  # ∇L_pr = 0: nothing to enforce
-    return lam.clamp_min(0.0)  # dual feasibility λ ≥ 0 (the λ* ≤ 0 branch of Eq. 11 / Eq. 25)
-
-
-def d_star(g_er: Tensor, g_pr: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Eq. 11 (gradient surgery): the solution d* of Eq. 9 and its multiplier λ* (a 0-d tensor).
-
-    With λ* from lambda_star the two cases of Eq. 11 are one formula, d* = ∇L_er + λ*∇L_pr (Eq. 20 at
-    λ*): λ* = 0 gives ∇L_er. When λ* > 0 the constraint is active, ∇L_pr·d* = -ε exactly. Use as
-    θ ← θ - α·d*. ‖d*‖ ≤ ‖∇L_er‖ always (projection onto a convex set containing 0).
-    """
-    lam = lambda_star(g_er, g_pr, eps)
-    return g_er + lam * g_pr, lam  # Eq. 11
-
-
-def d_star_per_param(
-    grads_er: list[Tensor], grads_pr: list[Tensor], eps: float
-) -> tuple[list[Tensor], Tensor]:
-    """d_star on per-parameter gradient lists (what `train.py --mode exact` calls after two backwards).
-
-    Eq. 9 couples all trainable parameters through the single dot product ∇L_pr·d, so the surgery must
-    see the whole flat gradient: projecting each parameter tensor on its own would solve a different
-    (per-tensor constrained) problem. grads_er[i] and grads_pr[i] are ∇L_er and ∇L_pr for parameter i
-    (pass `materialize_grads=True` to torch.autograd.grad so unused parameters give zeros, not None).
-    Returns d* split back into the parameters' shapes and dtypes (torch.cat promotes mixed dtypes to the
-    widest; each piece is cast back), and λ*.
-    """
-    flat_er = torch.cat([g.reshape(-1) for g in grads_er])  # (P,) with P = total parameter count
-    flat_pr = torch.cat([g.reshape(-1) for g in grads_pr])  # (P,)
-    d, lam = d_star(flat_er, flat_pr, eps)
-    pieces = torch.split(d, [g.numel() for g in grads_er])
-    return [p.reshape(g.shape).to(g.dtype) for p, g in zip(pieces, grads_er)], lam
-
-
-def g_tilde(L_pr_before: float, L_pr_after: float, alpha: float, eps: float) -> float:
-    """Eq. 15 (Eq. 14, Eq. 34): the implicit estimate of the dual gradient ∂L_t/∂λ = ∇L_pr·d + ε.
-
-    Since θ_after = θ_before - α·d, a first-order Taylor step gives
-        L_pr(θ_before) - L_pr(θ_after) ≈ α ∇L_pr(θ_before)·d                            (Eq. 14)
-    so g̃ = (L_pr(θ_before) - L_pr(θ_after)) / α + ε needs no second backward pass. d is whatever direction
-    was applied; in the implicit mode it is ∇L_total = ∇L_er + λ∇L_pr, so g̃ estimates Eq. 14's ∂L_t/∂λ at
-    the current λ, which is what the gradient step Eq. 13 needs.
-
-    In Algorithm 1's indices before = θ_{t-1}, after = θ_t, d = d_{t-1}: g̃_t describes the step just
-    taken, and Lemma C.3 bounds |g̃_t - (∇L_pr(θ_{t-1})·d_{t-1} + ε)| ≤ (Gα/2)‖d_{t-1}‖² for G-smooth L_pr.
-    g̃ < 0 exactly when L_pr rose by more than αε over the step (constraint violated). At the first
-    iteration no step has been taken yet, so there is nothing to observe and λ stays λ₀ = 0 (reading
-    θ_1 = θ_0 instead gives g̃ = ε ≥ 0, and update_lambda's projection gives the same λ = 0).
-
-    Both losses must be evaluated on the same batch (same x_t, t, noise, prompts): the difference is
-    meant to isolate the effect of the parameter change, and across batches it would be dominated by
-    sampling noise of size O(1) divided by a small α.
-    """
-    return (L_pr_before - L_pr_after) / alpha + eps  # Eq. 15
-
-
-def update_lambda(lam: float, g_tilde: float, beta: float) -> float:
-    """Eq. 13 with Eq. 15's g̃, projected onto λ ≥ 0: λ ← max(0, λ - β·g̃).
-
-    A projected gradient-descent step on the dual Eq. 10 (Algorithm 1 starts from λ₀ = 0). Algorithm 1
-    writes the step without the projection, but the dual is only defined on λ ≥ 0: a negative λ would
-    turn the λ·L_pr term of L_total = L_er + λ·L_pr into a *reward* for raising L_pr, actively
-    un-preserving. Without it, a run where L_pr keeps falling (g̃ > 0 every step) would drive λ
-    below zero. With it, λ rises when L_pr rose by more than αε (g̃ < 0) and decays towards 0 otherwise.
-    """
-    return max(0.0, lam - beta * g_tilde)  # Eq. 13 / Eq. 15, then projection onto λ ≥ 0
-
-
-# --- Stream-disentangled token-gated LoRA (§4.1, Eq. 4)
-#
-# H' = H W + S_T H ΔW, with S_T = diag(0_{n_I}, I_{n_T}) selecting the caption rows of the unified sequence
-# (caption pad slots included; image rows, image pad rows and batch padding excluded). ΔW = scale·B·A is
-# low rank. "Fused, Triton-free": the low-rank branch is computed on the gathered caption rows only and
-# added back into the frozen output with index_add, so its FLOPs and saved activations scale with the
-# number of text tokens, not with the sequence length. Consequences that the tests check:
-#   - image rows of the output are the frozen linear's output, bit for bit, whatever A and B are;
-#   - the gradients of A and B come only from caption rows (inputs and output gradients of image rows
-#     never enter the branch);
-#   - with the branch disabled the layer is exactly the frozen linear, so "LoRA off" IS the frozen model:
-#     the frozen references of Eqs. 5 and 8 are computed by the same modules with the LoRA disabled
-#     (`lora_disabled`), never by a second copy of the model.
-# A token-gated ΔW cannot be folded into W (it would then act on image tokens too); it stays a branch.
+# S_T = diag(0_{n_I}, I_{n_T}) selects the caption rows of the unified sequence (caption pad slots included;
+# image rows, image pad rows and batch padding excluded); ΔW = scale·B·A is low rank. Fused and Triton-free:
+# the low-rank branch runs on the gathered caption rows only and is added back with index_add, so its
+# FLOPs and saved activations scale with the caption, not the sequence [1].
 
 
 class GatedLoRALinear(M.Linear):
-    """A frozen projection (same weight tensor, same checkpoint key) plus a gated low-rank branch."""
+    """A frozen projection (same weight tensor, same checkpoint key) plus a gated low-rank branch (Eq. 4)."""
 
     @classmethod
-    def wrap(cls, lin: nn.Linear, rank: int, alpha: float, gated: bool = True,
-             generator: torch.Generator | None = None) -> "GatedLoRALinear":
+    def wrap(cls, lin: nn.Linear, rank: int, lora_alpha: float, gated: bool = True,
+             rng: torch.Generator | None = None) -> "GatedLoRALinear":
         with torch.device("meta"):
             self = cls(lin.in_features, lin.out_features, bias=lin.bias is not None)
         self.weight, self.bias = lin.weight, lin.bias  # shared, not copied
-        self.rank, self.scale, self.gated, self.enabled = rank, alpha / rank, gated, True
+        self.rank, self.scale, self.gated, self.enabled = rank, lora_alpha / rank, gated, True
         dev = lin.weight.device
         A = torch.empty(rank, lin.in_features)  # fp32 factors, whatever the base dtype
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)  # as peft; B = 0 so ΔW = 0 at start
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=rng)  # as peft; B = 0 so ΔW = 0 at start
         self.lora_A = nn.Parameter(A.to(dev))
         self.lora_B = nn.Parameter(torch.zeros(lin.out_features, rank, device=dev))
         return self
@@ -202,24 +71,23 @@ class GatedLoRALinear(M.Linear):
 
 @dataclass(frozen=True)
 class LoRASpec:
-    """Where the LoRA goes: projections of which unified layers, its rank and scale, gated or not."""
+    """Where the LoRA goes: projections of which unified layers, its rank and scale lora_alpha / rank."""
     layers: tuple[int, ...]
     targets: tuple[str, ...] = ("to_q", "to_k", "to_v")
     rank: int = 4
-    alpha: float = 4.0
+    lora_alpha: float = 4.0
     gated: bool = True
 
 
 def add_lora(dit: nn.Module, spec: LoRASpec, seed: int = 0) -> list[nn.Parameter]:
-    """Replace the target projections of dit.layers[spec.layers] by gated LoRA linears (in place, weights
-    shared); freeze everything else; return the LoRA parameters (the only trainable ones)."""
+    """Wrap the target projections in gated LoRA linears (weights shared), freeze the rest; returns Δθ."""
     dit.requires_grad_(False)
-    g = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     params = []
     for i in spec.layers:
         attn = dit.layers[i].attention
         for name in spec.targets:
-            lin = GatedLoRALinear.wrap(getattr(attn, name), spec.rank, spec.alpha, spec.gated, g)
+            lin = GatedLoRALinear.wrap(getattr(attn, name), spec.rank, spec.lora_alpha, spec.gated, rng)
             setattr(attn, name, lin)
             params += [lin.lora_A, lin.lora_B]
     return params
@@ -231,7 +99,8 @@ def lora_modules(dit: nn.Module) -> dict[str, GatedLoRALinear]:
 
 @contextmanager
 def lora_disabled(dit: nn.Module):
-    """Inside this block the model is exactly the frozen base model θ (the reference of Eqs. 5 and 8)."""
+    """Inside this block the model is exactly the frozen base model θ, bit for bit (the references of
+    Eqs. 5 and 8 come from the same modules: no second copy of the model)."""
     mods = lora_modules(dit).values()
     for m in mods:
         m.enabled = False
@@ -250,22 +119,8 @@ def lora_state(dit: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def merge_loras(factors: list[dict[str, Tensor]], scales: list[float], w: list[float]) -> dict[str, Tensor]:
-    """Eq. 63: Δθ_mul = Σ_i w_i Δθ_i, exactly, as one LoRA of rank Σ r_i (scale 1).
-
-    With ΔW_i = s_i B_i A_i: stack A = [A_1; ...; A_N] and B = [w_1 s_1 B_1, ..., w_N s_N B_N], then
-    B A = Σ_i w_i s_i B_i A_i. Every LoRA must target the same modules."""
-    keys = [k[:-len(".lora_A")] for k in factors[0] if k.endswith(".lora_A")]
-    out = {}
-    for k in keys:
-        out[f"{k}.lora_A"] = torch.cat([f[f"{k}.lora_A"] for f in factors], dim=0)  # (Σr, D_in)
-        out[f"{k}.lora_B"] = torch.cat([wi * si * f[f"{k}.lora_B"] for f, si, wi in zip(factors, scales, w)],
-                                       dim=1)  # (D_out, Σr)
-    return out
-
-
 def set_lora_state(dit: nn.Module, factors: dict[str, Tensor], scale: float) -> None:
-    """Load LoRA factors (possibly merged, of another rank) into an already-wrapped model."""
+    """Load LoRA factors (possibly merged, of another rank) into an already-wrapped model, frozen."""
     for n, m in lora_modules(dit).items():
         A, B = factors[f"{n}.lora_A"], factors[f"{n}.lora_B"]
         m.lora_A = nn.Parameter(A.to(m.weight.device, torch.float32), requires_grad=False)
@@ -273,25 +128,21 @@ def set_lora_state(dit: nn.Module, factors: dict[str, Tensor], scale: float) -> 
         m.rank, m.scale = A.shape[0], scale
 
 
-# --- Erasure and preservation objectives (§4.1, Eqs. 5-8)
+# ---------------------------------------------------------------------------------------------------------
+# 2. Erasure and preservation objectives (§4.1, Eqs. 5-8)
 #
-# v is the DiT's raw output (Z-Image: v ≈ x0 - ε, t = 1 - σ). Eq. 5 is linear in v, so the negative-guidance
-# target means the same thing whichever sign convention the sampler uses afterwards.
+# v is the DiT's raw output (Z-Image: v ≈ x0 − noise at time t = 1 − σ). Eq. 5 is linear in v, so the
+# negative-guidance target means the same whichever sign the sampler gives v afterwards.
 
 
 def erase_target(v_null: Tensor, v_c: Tensor, eta: float) -> Tensor:
-    """Eq. 5 target: v_θ(x_t, ∅) - η (v_θ(x_t, c_er) - v_θ(x_t, ∅)), from the FROZEN model θ."""
+    """Eq. 5 target from the FROZEN model: v_θ(x_t, ∅) − η (v_θ(x_t, c_er) − v_θ(x_t, ∅))."""
     return v_null - eta * (v_c - v_null)
 
 
 def erase_loss(v_lora_c: Tensor, v_target: Tensor) -> Tensor:
-    """Eq. 5: ‖v_{θ+Δθ}(x_t, c_er, t) - target‖², averaged over elements."""
+    """Eq. 5: ‖v_{θ+Δθ}(x_t, c_er, t) − target‖², averaged over elements."""
     return F.mse_loss(v_lora_c.float(), v_target.float())
-
-
-def preservation_loss(v_lora: Tensor, v_ref: Tensor) -> Tensor:
-    """One term of Eq. 8: ‖v_{θ+Δθ}(x_t, c, t) - v_θ(x_t, c, t)‖² (c = ∅ or c_pr), averaged over elements."""
-    return F.mse_loss(v_lora.float(), v_ref.float())
 
 
 def _concept_mass(q: Tensor, k: Tensor, cols: Tensor) -> Tensor:
@@ -301,23 +152,20 @@ def _concept_mass(q: Tensor, k: Tensor, cols: Tensor) -> Tensor:
 
 
 class AttentionProbe:
-    """Eq. 6: L_attn = Σ_{idx ∈ concept tokens} A_attn[:, :, idx], the attention that image queries put on
-    the concept's caption tokens, averaged over the probed layers, heads, image queries and items.
-
-    Installed as `attention.probe` of the gated layers for one forward pass. Each layer's map is built
-    inside torch.utils.checkpoint, so only q and k are kept for backward and at most one layer's
-    attention map exists at any time (never the maps of all layers at once)."""
+    """Eq. 6: L_attn = Σ_{idx ∈ concept tokens} A_attn[:, :, idx], the attention image queries put on the
+    concept's caption tokens, averaged over probed layers, heads, image queries and items [2]."""
 
     def __init__(self, layout: "M.Layout", concept_tokens: list[list[int]]):
-        # unified rows of the concept tokens, per item (image rows come first: row = Np_i + token index)
+        # unified rows of the concept tokens, per item (image rows come first: row = n_img_padded + token)
         self.rows = [torch.tensor([layout.caption_row(i, j) for j in toks], dtype=torch.long)
                      for i, toks in enumerate(concept_tokens)]
         self.layout, self.terms = layout, []
 
     def __call__(self, q: Tensor, k: Tensor) -> None:  # q, k (B, H, S, Dh)
+        lay = self.layout
         for i, cols in enumerate(self.rows):
             if len(cols):
-                n, S = self.layout.N[i], self.layout.Np[i] + self.layout.Lp[i]
+                n, S = lay.n_img[i], lay.n_img_padded[i] + lay.n_cap_padded[i]
                 self.terms.append(checkpoint(_concept_mass, q[i, :, :n], k[i, :, :S], cols.to(q.device),
                                              use_reentrant=False))
 
@@ -327,6 +175,8 @@ class AttentionProbe:
 
 @contextmanager
 def attention_probe(dit: nn.Module, layers: tuple[int, ...], probe: AttentionProbe):
+    """Install the probe on the given unified layers. Keep it installed until backward has run: with gradient
+    checkpointing, backward recomputes the layers and must make the same probe calls the forward made."""
     for i in layers:
         dit.layers[i].attention.probe = probe
     try:
@@ -336,7 +186,13 @@ def attention_probe(dit: nn.Module, layers: tuple[int, ...], probe: AttentionPro
             dit.layers[i].attention.probe = None
 
 
-# --- Keyword localisation (§4.1: "randomly shuffle the word order ... keeping the index range dynamic")
+def preservation_loss(v_lora: Tensor, v_ref: Tensor) -> Tensor:
+    """One term of Eq. 8: ‖v_{θ+Δθ}(x_t, c, t) − v_θ(x_t, c, t)‖² (c = ∅ or c_pr), averaged over elements."""
+    return F.mse_loss(v_lora.float(), v_ref.float())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Keyword localisation (§4.1: "randomly shuffle the word order ... keeping the index range dynamic")
 
 
 def find_phrases(prompt: str, phrases: list[str]) -> list[tuple[int, int]]:
@@ -362,116 +218,122 @@ def shuffle_words(prompt: str, phrases: list[str], rng: random.Random) -> str:
 
 
 def concept_token_indices(spans: list[tuple[int, int]], char_spans: list[tuple[int, int]]) -> list[int]:
-    """Token indices (in the templated caption) whose text overlaps a concept phrase. `spans` are each
-    token's (start, end) in the prompt as model.Tokenizer.encode returns them ((0, 0) for template tokens)."""
+    """Token indices (in the templated caption) whose text overlaps a concept phrase; `spans` are each
+    token's (start, end) in the prompt, as model.Tokenizer.encode gives them ((0, 0) for template tokens)."""
     return [j for j, (a, b) in enumerate(spans) if b > a and any(a < e and s < b for s, e in char_spans)]
 
 
-# --- LoRA files (DESIGN §5): only the LoRA factors + metadata, deliberately not an ordinary LoRA
+# ---------------------------------------------------------------------------------------------------------
+# 4. Lagrangian-guided adaptive erasure modulation (§4.2, Appendix B)
 #
-# Keys are "zerase_gated.<module path>.A" / ".B" (no "lora_A"/"lora_down" names), and the metadata says
-# format "zerase-gated-lora": tools that look for ordinary LoRA keys find none, so a token-gated LoRA is
-# never silently applied to image tokens (the collapse the paper is about).
-
-FORMAT, FORMAT_VERSION = "zerase-gated-lora", 1
-KEY_PREFIX = "zerase_gated."
+# Eq. 9:  max_d ∇L_er·d − ½‖d‖²  s.t.  ∇L_pr·d ≥ −ε, i.e. one step may raise L_pr by at most αε to first
+# order [3]. Gradients here are flat 1-D tensors over all trainable parameters. A scalar derived from
+# gradient tensors (λ*, the dual) is a 0-d tensor on their device (no host sync); one derived from losses
+# and hyper-parameters (g̃, the running λ) is a python float.
 
 
-class LoRAFileError(ValueError):
-    """A LoRA file that cannot be used with this model; the message says why and what to do."""
+def dual_objective(lam: float | Tensor, g_er: Tensor, g_pr: Tensor, eps: float) -> Tensor:
+    """Eq. 10: L_t(λ) = ½‖∇L_er + λ∇L_pr‖² + λε, the Lagrange dual of Eq. 9, minimised over λ ≥ 0 [4]."""
+    d = g_er + lam * g_pr  # Eq. 20
+    return 0.5 * (d @ d) + lam * eps  # Eq. 10 / Eq. 22
 
 
-def base_fingerprint(dit: nn.Module) -> str:
-    """Identity of the base model: its config plus a hash of a few small tensors that any fine-tune changes,
-    as the checkpoint stores them (so fp32 and bf16 loads of one checkpoint agree), in fp32."""
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(dit.cfg), sort_keys=True).encode())
-    stored = dit.stored_values or {name: dit.get_parameter(name) for name in M.FINGERPRINT_TENSORS}
-    for name in M.FINGERPRINT_TENSORS:
-        h.update(stored[name].detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+def lambda_star(g_er: Tensor, g_pr: Tensor, eps: float) -> Tensor:
+    """Eq. 12 projected onto λ ≥ 0: the exact minimiser of the dual Eq. 10 (0-d tensor) [5]."""
+    if eps < 0:
+        raise ValueError(f"the tolerance ε must be >= 0, got {eps}")  # with ∇L_pr = 0, Eq. 9 is infeasible
+    g_pr_sq = g_pr @ g_pr  # ‖∇L_pr‖²
+    has_constraint = g_pr_sq > 0
+    safe_den = torch.where(has_constraint, g_pr_sq, torch.ones_like(g_pr_sq))  # only to avoid 0/0
+    lam = (-(g_er @ g_pr) - eps) / safe_den  # Eq. 12
+    lam = torch.where(has_constraint, lam, torch.zeros_like(lam))  # ∇L_pr = 0: nothing to enforce
+    return lam.clamp_min(0.0)  # dual feasibility λ ≥ 0 (the λ* ≤ 0 branch of Eq. 11 / Eq. 25)
 
 
-def save_lora(path, dit: nn.Module, spec: LoRASpec, base: str, settings: dict) -> None:
-    from safetensors.torch import save_file
-    tensors = {}
-    for n, m in lora_modules(dit).items():
-        tensors[f"{KEY_PREFIX}{n}.A"] = m.lora_A.detach().float().cpu().contiguous()
-        tensors[f"{KEY_PREFIX}{n}.B"] = m.lora_B.detach().float().cpu().contiguous()
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "gate": "text" if spec.gated else "none",
-            "gate_rows": "caption segment of the unified sequence, caption pad slots included (Eq. 4)",
-            "layers": json.dumps(list(spec.layers)), "targets": json.dumps(list(spec.targets)),
-            "rank": str(spec.rank), "scale": repr(spec.alpha / spec.rank), "base_model": base,
-            "base_config": json.dumps(dataclasses.asdict(dit.cfg)), "concept": settings.get("concept", ""),
-            "settings": json.dumps(settings)}
-    M.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+def d_star(g_er: Tensor, g_pr: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Eq. 11 (gradient surgery): the solution d* of Eq. 9 and its multiplier λ*; use as θ ← θ − α·d*."""
+    lam = lambda_star(g_er, g_pr, eps)
+    return g_er + lam * g_pr, lam  # Eq. 11: λ* = 0 gives ∇L_er
 
 
-def read_lora(path) -> tuple[dict[str, Tensor], dict]:
-    """The factors ({'<module>.lora_A': A, ...}) and metadata of a zerase LoRA file, validated."""
-    from safetensors import SafetensorError, safe_open
-    path = str(path)
-    try:
-        with safe_open(path, "pt") as f:
-            meta, keys = f.metadata() or {}, list(f.keys())
-            tensors = {k: f.get_tensor(k) for k in keys}
-    except (SafetensorError, OSError) as e:
-        raise LoRAFileError(f"{path} is not a readable safetensors file ({e}); pass a LoRA written by train.py.")
-    if meta.get("format") != FORMAT or not all(k.startswith(KEY_PREFIX) for k in keys):
-        raise LoRAFileError(f"{path} is not a zerase token-gated LoRA (format {meta.get('format')!r}); only "
-                            f"files written by train.py can be applied.")
-    version = meta.get("format_version", "")
-    if version.isdigit() and int(version) > FORMAT_VERSION:
-        raise LoRAFileError(f"{path} has format version {version}; upgrade zerase to read it.")
-    try:
-        meta = {**meta, "format_version": int(version), "layers": tuple(json.loads(meta["layers"])),
-                "targets": tuple(json.loads(meta["targets"])), "rank": int(meta["rank"]),
-                "scale": float(meta["scale"]), "gated": meta["gate"] == "text",
-                "base_model": meta["base_model"]}
-    except (KeyError, ValueError, TypeError) as e:  # missing field; json.JSONDecodeError is a ValueError
-        raise LoRAFileError(f"{path} has missing or invalid zerase metadata ({e!r}); the file is damaged, "
-                            f"write it again with train.py.") from None
-    factors = {}
-    for k, v in tensors.items():
-        mod, which = k[len(KEY_PREFIX):].rsplit(".", 1)
-        factors[f"{mod}.lora_{which}"] = v
-    mods = {k.rsplit(".", 1)[0] for k in factors}
-    if not mods or set(factors) != {f"{m}.lora_{w}" for m in mods for w in "AB"}:
-        raise LoRAFileError(f"{path} does not hold one A and one B factor per module; the file is damaged, "
-                            f"write it again with train.py.")
-    return factors, meta
+def d_star_per_param(grads_er: list[Tensor], grads_pr: list[Tensor], eps: float) -> tuple[list[Tensor], Tensor]:
+    """d_star on per-parameter gradient lists: one surgery over the whole flat gradient, split back [6]."""
+    flat_er = torch.cat([g.reshape(-1) for g in grads_er])  # (P,) with P = total parameter count
+    flat_pr = torch.cat([g.reshape(-1) for g in grads_pr])  # (P,)
+    d, lam = d_star(flat_er, flat_pr, eps)
+    pieces = torch.split(d, [g.numel() for g in grads_er])
+    return [p.reshape(g.shape).to(g.dtype) for p, g in zip(pieces, grads_er)], lam
 
 
-def apply_loras(dit: nn.Module, paths: list, weights: list[float] | None = None) -> dict:
-    """Wrap the model with the LoRAs of `paths`, averaged per Eq. 63 (w_i = 1/N) unless weights are given.
-    All files must be for this base model and target the same projections with the same gate."""
-    read = [read_lora(p) for p in paths]
-    base = base_fingerprint(dit)
-    for p, (factors, meta) in zip(paths, read):
-        if meta["base_model"] != base:
-            raise LoRAFileError(f"{p} was trained for another base model ({meta['base_model']}, this one is "
-                                f"{base}); train a LoRA for this model.")
-        if (meta["layers"], meta["targets"], meta["gated"]) != (read[0][1]["layers"], read[0][1]["targets"],
-                                                                read[0][1]["gated"]):
-            raise LoRAFileError(f"{p} targets other layers/projections or gate than {paths[0]}; merge only "
-                                f"LoRAs trained with the same --layers/--targets.")
-    w = weights if weights is not None else [1.0 / len(read)] * len(read)  # Eq. 63: w_i = 1/N
-    spec = LoRASpec(layers=read[0][1]["layers"], targets=read[0][1]["targets"], rank=1, alpha=1.0,
-                    gated=read[0][1]["gated"])
-    if max(spec.layers) >= len(dit.layers) or not set(spec.targets) <= {"to_q", "to_k", "to_v"}:
-        raise LoRAFileError(f"{paths[0]} targets layers {spec.layers} / {spec.targets}, which this model does not "
-                            f"have; use a LoRA trained on this model.")
-    add_lora(dit, spec)
-    merged = merge_loras([f for f, _ in read], [m["scale"] for _, m in read], w)
-    mods = lora_modules(dit)
-    for k, v in merged.items():
-        mod, which = k.rsplit(".", 1)
-        m = mods.get(mod)
-        if m is None or (v.shape[1] != m.in_features if which == "lora_A" else v.shape[0] != m.out_features):
-            raise LoRAFileError(f"{paths[0]} does not fit this model ({mod}: shapes or modules differ); use a "
-                                f"LoRA trained on this model.")
-    if missing := sorted(set(mods) - {k.rsplit(".", 1)[0] for k in merged}):
-        raise LoRAFileError(f"{paths[0]} has no factors for {missing[0]} although its metadata lists that "
-                            f"projection; the file is damaged, write it again with train.py.")
-    set_lora_state(dit, merged, scale=1.0)
-    return {"weights": w, "metas": [m for _, m in read]}
+def g_tilde(L_pr_before: float, L_pr_after: float, lr: float, eps: float) -> float:
+    """Eq. 15: g̃ = (L_pr(θ_before) − L_pr(θ_after))/α + ε, the implicit estimate of ∂L_t/∂λ (Eq. 14) [7]."""
+    return (L_pr_before - L_pr_after) / lr + eps  # Eq. 15
 
+
+def update_lambda(lam: float, g_tilde: float, beta: float) -> float:
+    """Eq. 13 with Eq. 15's g̃, projected onto λ ≥ 0: λ ← max(0, λ − β·g̃) [7]."""
+    return max(0.0, lam - beta * g_tilde)  # Eq. 13 / Eq. 15, then projection onto λ ≥ 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. Multi-concept merging (Appendix F)
+
+
+def merge_loras(factors: list[dict[str, Tensor]], scales: list[float], w: list[float]) -> dict[str, Tensor]:
+    """Eq. 63: Δθ_mul = Σ_i w_i Δθ_i exactly, as one LoRA of rank Σ r_i and scale 1; with ΔW_i = s_i B_i A_i,
+    A = [A_1; ...; A_N] and B = [w_1 s_1 B_1, ..., w_N s_N B_N] give B A = Σ_i w_i s_i B_i A_i."""
+    keys = [k[:-len(".lora_A")] for k in factors[0] if k.endswith(".lora_A")]
+    out = {}
+    for k in keys:
+        out[f"{k}.lora_A"] = torch.cat([f[f"{k}.lora_A"] for f in factors], dim=0)  # (Σr, D_in)
+        out[f"{k}.lora_B"] = torch.cat([wi * si * f[f"{k}.lora_B"] for f, si, wi in zip(factors, scales, w)],
+                                       dim=1)  # (D_out, Σr)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Notes: the derivations behind the docstrings above
+#
+# [1] The gate, and what follows from it (tests/test_gate.py checks each): image rows of the output are the
+#     frozen linear's, bit for bit, whatever A and B are; the gradients of A and B come only from caption
+#     rows; with the branch disabled the layer is exactly the frozen linear, so "LoRA off" IS the frozen
+#     model θ. A token-gated ΔW cannot be folded into W (it would then act on image tokens too).
+#
+# [2] Each layer's attention map is built inside torch.utils.checkpoint, so only q and k are kept for
+#     backward and at most one layer's map exists at a time, never those of all layers at once.
+#
+# [3] The first-order change of L_pr in one step is L_pr(θ − α·d) − L_pr(θ) ≈ −α ∇L_pr·d, so the constraint
+#     ∇L_pr·d ≥ −ε caps the rise at αε: ε is a per-step budget in units of the learning rate, not a
+#     threshold on L_pr itself, and ε ≥ 0 lets mildly conflicting gradients through untouched (Fig. 4,
+#     left). Since ∇L_er·d − ½‖d‖² = −½‖d − ∇L_er‖² + const, Eq. 9 is the Euclidean projection of ∇L_er onto
+#     the half-space {d : ∇L_pr·d ≥ −ε}: hence "gradient surgery" (Eq. 11), and ‖d*‖ ≤ ‖∇L_er‖ always.
+#
+# [4] L_t(λ) is max_d of the Lagrangian (Eq. 18); its maximiser is d = ∇L_er + λ∇L_pr (Eq. 20). It is a
+#     convex quadratic in λ with curvature ‖∇L_pr‖² ≥ 0.
+#
+# [5] Eq. 12 is the stationary point of the dual (Eq. 23 set to zero). The paper states it without the
+#     projection and applies "λ* > 0" as a case split in Eq. 11; clamping is the same thing, since the
+#     minimiser of a convex 1-D quadratic on [0, ∞) is the unconstrained one clamped at 0. A conflict
+#     exists exactly when ∇L_er·∇L_pr < −ε; then ∇L_pr·d* = −ε (active constraint). Degenerate ∇L_pr = 0:
+#     the constraint 0 ≥ −ε holds for every d, the dual ½‖∇L_er‖² + λε is minimised at λ = 0, returned
+#     without dividing by zero. With ε < 0 that case would be infeasible, so ε ≥ 0 is required.
+#
+# [6] Eq. 9 couples all trainable parameters through the single dot product ∇L_pr·d: projecting each
+#     parameter tensor on its own would solve a different (per-tensor constrained) problem. Pass
+#     materialize_grads=True to torch.autograd.grad so that unused parameters give zeros, not None;
+#     torch.cat promotes mixed dtypes to the widest, and each piece is cast back.
+#
+# [7] Since θ_after = θ_before − α·d, a first-order Taylor step gives L_pr(θ_before) − L_pr(θ_after) ≈
+#     α ∇L_pr(θ_before)·d (Eq. 14), so g̃ estimates ∂L_t/∂λ = ∇L_pr·d + ε without a second backward; in the
+#     implicit mode d = ∇L_total = ∇L_er + λ∇L_pr at the current λ, which is what the gradient step Eq. 13
+#     needs. In Algorithm 1's indices before = θ_{t−1}, after = θ_t: g̃_t describes the step just taken, and
+#     Lemma C.3 bounds |g̃_t − (∇L_pr(θ_{t−1})·d_{t−1} + ε)| ≤ (Gα/2)‖d_{t−1}‖² for a G-smooth L_pr. g̃ < 0
+#     exactly when L_pr rose by more than αε over the step (constraint violated), and then λ rises. At the
+#     first iteration no step has been taken, so λ stays λ₀ = 0. Both values must come from the same batch
+#     (same x_t, t, noise, prompts): across batches the difference would be sampling noise of size O(1)
+#     divided by a small α. The projection onto λ ≥ 0 is not written in Algorithm 1, but the dual lives on
+#     λ ≥ 0: a negative λ would make λ·L_pr a reward for raising L_pr.
+#     Where the code departs from this derivation: train.py steps with AdamW (the paper's optimiser), not
+#     θ ← θ − α·d, so the step actually taken is Adam's rescaling of d. g̃ measures the change of L_pr that
+#     the step actually caused, so the implicit λ still follows the constraint; the exact mode's guarantee
+#     ∇L_pr·d* ≥ −ε holds for the direction d*, and holds for the step only with `--optim sgd`.

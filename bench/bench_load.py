@@ -56,13 +56,13 @@ def write_checkpoint(folder: Path, n_shards: int = 3) -> int:
 CHILD = r"""
 import resource, sys, time, json
 sys.path.insert(0, {root!r})
-import torch, model as M
+import torch, model as M, checkpoint as C
 from pathlib import Path
 folder, how, dtype = Path({folder!r}), {how!r}, getattr(torch, {dtype!r})
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t0 = time.perf_counter()
 if how == "zerase":
-    m = M.load_transformer(folder, dtype)
+    m = C.load_transformer(folder, dtype)
 else:  # naive: random-init module on the CPU + load_file of each shard + load_state_dict
     from safetensors.torch import load_file
     m = M.ZImageTransformer(M.DiTConfig.from_json(folder / "config.json")).to(dtype)

@@ -21,8 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import evaluate as E  # noqa: E402
-import model as M  # noqa: E402
-import zerase as Z  # noqa: E402
+import checkpoint as C  # noqa: E402
+import lora_file  # noqa: E402
+from cli import atomic_write  # noqa: E402
 from tiny.classifier import load_classifier  # noqa: E402
 
 RUNS = [("van-gogh", "Van Gogh", []), ("van-gogh-nogate", "Van Gogh", ["--no-gate"]), ("star", "star", []),
@@ -39,7 +40,7 @@ def train(concept: str, extra: list[str], out: Path) -> float:
     return time.time() - t0
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "out" / "erasure"), help="where the LoRAs go")
     p.add_argument("--prompts", type=int, default=20)
@@ -50,17 +51,22 @@ def main():
     p.add_argument("--train-args", default="", help="extra train.py flags for every run (experiments), "
                    "e.g. \"--fixed-lambda 10\"")
     args = p.parse_args()
-    wanted = set(args.runs.split(",")) if args.runs else None
-    out, seeds = Path(args.out), list(range(args.seeds))
-    if wanted is not None:
-        if unknown := wanted - {r[0] for r in RUNS} - {m[0] for m in MERGES}:
+    args.wanted = set(args.runs.split(",")) if args.runs else None
+    if args.wanted is not None:
+        if unknown := args.wanted - {r[0] for r in RUNS} - {m[0] for m in MERGES}:
             p.error(f"unknown run {sorted(unknown)[0]!r}; see --help for the run names.")
         for name, parts in MERGES:
-            if name in wanted and (missing := [n for n in parts if n not in wanted
-                                               and not (out / f"{n}.safetensors").exists()]):
-                p.error(f"{name} averages {' and '.join(parts)}, but {out / missing[0]}.safetensors does not "
-                        f"exist; add {missing[0]} to --runs.")
-    base, clf = M.load_zimage(E.DEFAULT_MODEL), load_classifier()
+            if name in args.wanted and (missing := [n for n in parts if n not in args.wanted
+                                                    and not (Path(args.out) / f"{n}.safetensors").exists()]):
+                p.error(f"{name} averages {' and '.join(parts)}, but {Path(args.out) / missing[0]}.safetensors "
+                        f"does not exist; add {missing[0]} to --runs.")
+    return args
+
+
+def main():
+    args = parse_args()
+    wanted, out, seeds = args.wanted, Path(args.out), list(range(args.seeds))
+    base, clf = C.load_zimage(E.DEFAULT_MODEL), load_classifier()
     rows, files = [], {}
     for name, concept, extra in RUNS:
         files[name] = out / f"{name}.safetensors"
@@ -68,8 +74,8 @@ def main():
             continue
         extra = extra + args.train_args.split()
         secs = train(concept, extra, files[name])
-        erased = M.load_zimage(E.DEFAULT_MODEL)
-        Z.apply_loras(erased.transformer, [files[name]])
+        erased = C.load_zimage(E.DEFAULT_MODEL)
+        lora_file.apply_loras(erased.transformer, [files[name]])
         r = E.erasure_report(base, erased, clf, concept, args.prompts, seeds)
         r.update(run=" ".join([concept] + extra), train_seconds=round(secs, 1))
         rows.append(r)
@@ -78,8 +84,8 @@ def main():
     for name, parts in MERGES:
         if wanted is not None and name not in wanted:
             continue
-        merged = M.load_zimage(E.DEFAULT_MODEL)
-        Z.apply_loras(merged.transformer, [files[n] for n in parts])  # w_i = 1/N (Eq. 63)
+        merged = C.load_zimage(E.DEFAULT_MODEL)
+        lora_file.apply_loras(merged.transformer, [files[n] for n in parts])  # w_i = 1/N (Eq. 63)
         for n in parts:
             r = E.erasure_report(base, merged, clf, concept_of[n], args.prompts, seeds)
             r.update(run=f"{concept_of[n]} ({name}: {' + '.join(parts)})", train_seconds=None)
@@ -97,7 +103,7 @@ def main():
         print(f"  {r['run']}: " + ", ".join(f"{c} {v['base']:.2f}->{v['erased']:.2f}"
                                            for c, v in r["Acc_ir_by_concept"].items()))
     if args.json:
-        M.atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2)))
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2)))
 
 
 if __name__ == "__main__":

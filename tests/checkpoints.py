@@ -1,7 +1,7 @@
 """Small random Z-Image checkpoints in the exact Hugging Face layout, written by diffusers/transformers.
 
 Test helper (not product code). Our loader must read the real `Tongyi-MAI/Z-Image-Turbo` directory
-(spec §1): `model_index.json`, sharded fp32 transformer, sharded bf16 Qwen3 text encoder with a `model.`
+(Tongyi-MAI/Z-Image-Turbo): `model_index.json`, sharded fp32 transformer, sharded bf16 Qwen3 text encoder with a `model.`
 key prefix, Qwen2 tokenizer, single-file VAE, scheduler config. The real one is 33 GB and cannot be
 downloaded here, so the parity tests use a directory of the same shape with tiny random weights, saved
 by the libraries' own `save_pretrained`, which `diffusers.ZImagePipeline` then loads as the oracle.
@@ -29,12 +29,12 @@ from transformers import AutoModel, Qwen3Config, Qwen3ForCausalLM
 from tiny.tokenizer import IM_END, PAD, save_tokenizer, train_tokenizer
 
 # --------------------------------------------------------------------------------------------------
-# default tiny configs (the real values are in spec §1; comments say where ours differ and why)
+# default tiny configs (the real values: model.ZIMAGE_TURBO; comments say where ours differ and why)
 
 TEXT_ENCODER = dict(  # Qwen3Config kwargs; the real one is Qwen3-4B (hidden 2560, 36 layers)
     hidden_size=32,
     intermediate_size=64,
-    num_hidden_layers=3,  # hidden_states[-2] is then the raw output of layer 1 (spec §3.2)
+    num_hidden_layers=3,  # hidden_states[-2] is then the raw output of layer 1
     num_attention_heads=4,
     num_key_value_heads=2,  # GQA as in the real model (32 q heads, 8 kv heads)
     head_dim=8,
@@ -85,7 +85,7 @@ VAE = dict(  # AutoencoderKL kwargs; the real one is the FLUX.1 VAE with block_o
 
 TOKENIZER_VOCAB_SIZE = 400
 
-# A few hundred words of captions in the style of the concept world (DESIGN §3), for the tokenizer.
+# A few hundred words of captions in the style of the concept world (tiny/world.py), for the tokenizer.
 CORPUS = [
     "A photo of a red circle",
     "A photo of a blue square on a white background",
@@ -228,7 +228,7 @@ def make_random_checkpoint(
 
     # text_encoder/: Qwen3ForCausalLM keys (model.*), sharded, tied lm_head not stored
     te.to(te_dtype).save_pretrained(out / "text_encoder", max_shard_size=_shard_size(te))
-    (out / "text_encoder" / "generation_config.json").unlink()  # not in the real repo (spec §1)
+    (out / "text_encoder" / "generation_config.json").unlink()  # not in the real repo
     if te_rope_at_top_level:
         _legacy_qwen3_config(out / "text_encoder" / "config.json")
 

@@ -1,8 +1,8 @@
 """The random test checkpoints have the real Z-Image-Turbo layout and diffusers/transformers load them.
 
 These tests guard the fixtures that every parity test relies on: if a checkpoint here drifted from the
-real layout (spec §1) or from what the libraries accept, parity with diffusers would prove nothing.
-Also the contract of tiny/tokenizer.py: a Qwen2-compatible tokenizer (spec §3.2, §4).
+real layout (Tongyi-MAI/Z-Image-Turbo's files) or from what the libraries accept, parity with diffusers would prove nothing.
+Also the contract of tiny/tokenizer.py: a Qwen2-compatible tokenizer (as transformers' Qwen2Tokenizer with Z-Image's chat template).
 """
 
 import hashlib
@@ -29,7 +29,7 @@ from tests.checkpoints import (
 )
 from tiny.tokenizer import IM_END, IM_START, PAD, PRETOKENIZE_REGEX, train_tokenizer
 
-# Files of the real repo (spec §1), shards aside.
+# Files of the real repo (Tongyi-MAI/Z-Image-Turbo), shards aside.
 REAL_FILES = {
     "model_index.json",
     "scheduler/scheduler_config.json",

@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
+import checkpoint as C
+import lora_file
 import model as M
 import zerase as Z
 
@@ -51,14 +53,14 @@ def gated_linear(din, dout, rank, bias, gated, dtype, seed) -> tuple[nn.Linear, 
         if bias:
             lin.bias.normal_(generator=g)
     lin = lin.to(dtype).requires_grad_(False)
-    lora = Z.GatedLoRALinear.wrap(lin, rank, alpha=2.0 * rank, gated=gated, generator=g)
+    lora = Z.GatedLoRALinear.wrap(lin, rank, lora_alpha=2.0 * rank, gated=gated, rng=g)
     with torch.no_grad():
         lora.lora_B.normal_(generator=g)  # B = 0 at init would make every check below trivially true
     return lin, lora
 
 
 def load_dit(ckpt) -> M.ZImageTransformer:
-    return M.load_zimage(ckpt, text_encoder=False, vae=False).transformer
+    return C.load_zimage(ckpt, text_encoder=False, vae=False).transformer
 
 
 def randomize_lora_(dit, seed: int, std: float = 0.1) -> None:
@@ -110,7 +112,7 @@ def test_image_and_padding_rows_of_a_gated_linear_are_bit_identical_to_the_froze
     N, L = nl
     lin, lora = gated_linear(din, dout, rank, bias, True, dtype, seed)
     lay = layout(N, L)
-    x = torch.randn(len(N), lay.S, din, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    x = torch.randn(len(N), lay.seq_len, din, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     mask = expected_text_mask(N, L)
     with torch.no_grad():
         y, y0 = lora(x, lay.text_rows()), lin(x)
@@ -126,7 +128,7 @@ def test_lora_gradients_come_only_from_caption_rows(nl, rank, bias, seed):
     _, lora = gated_linear(16, 8, rank, bias, True, torch.float32, seed)
     lay, mask = layout(N, L), expected_text_mask(N, L)
     g = torch.Generator().manual_seed(seed + 1)
-    x, G = torch.randn(len(N), lay.S, 16, generator=g), torch.randn(len(N), lay.S, 8, generator=g)
+    x, G = torch.randn(len(N), lay.seq_len, 16, generator=g), torch.randn(len(N), lay.seq_len, 8, generator=g)
 
     def grads(x, G):
         lora.lora_A.grad = lora.lora_B.grad = None
@@ -231,7 +233,7 @@ def test_without_the_gate_image_rows_change(nl, seed):
     N, L = nl
     lin, lora = gated_linear(16, 8, 2, True, False, torch.float32, seed)
     lay = layout(N, L)
-    x = torch.randn(len(N), lay.S, 16, generator=torch.Generator().manual_seed(seed + 1))
+    x = torch.randn(len(N), lay.seq_len, 16, generator=torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
         assert (lora(x, lay.text_rows()) != lin(x)).any(-1).all()
 
@@ -281,24 +283,27 @@ def test_merged_factors_multiply_to_the_weighted_sum_of_the_delta_ws(ranks, seed
         torch.testing.assert_close(B @ A, want, rtol=1e-10, atol=1e-10)
 
 
-def test_applying_two_lora_files_with_weights_adds_their_delta_ws(random_ckpt, tmp_path):
-    """apply_loras with weights w_a, w_b gives each projection ΔW = w_a ΔW_a + w_b ΔW_b, outputs likewise."""
-    spec_a = Z.LoRASpec(layers=(0, 1), rank=2, alpha=3.0)
-    spec_b = Z.LoRASpec(layers=(0, 1), rank=3, alpha=1.5)
+@pytest.mark.parametrize("weights", [[0.3, -0.8], None])
+def test_applying_two_lora_files_with_weights_adds_their_delta_ws(random_ckpt, tmp_path, weights):
+    """apply_loras with weights w_a, w_b gives each projection ΔW = w_a ΔW_a + w_b ΔW_b, outputs likewise;
+    without weights the LoRAs are averaged, w = 1/N each (Eq. 63)."""
+    spec_a = Z.LoRASpec(layers=(0, 1), rank=2, lora_alpha=3.0)
+    spec_b = Z.LoRASpec(layers=(0, 1), rank=3, lora_alpha=1.5)
     single = []
     for spec, seed, name in ((spec_a, 4, "a"), (spec_b, 5, "b")):
         dit = load_dit(random_ckpt)
         Z.add_lora(dit, spec)
         randomize_lora_(dit, seed)
-        Z.save_lora(tmp_path / f"{name}.safetensors", dit, spec, Z.base_fingerprint(dit), {"concept": name})
+        lora_file.save_lora(tmp_path / f"{name}.safetensors", dit, spec, lora_file.base_fingerprint(dit), {"concept": name})
         single.append(Z.lora_modules(dit))
-    w = [0.3, -0.8]
     dit = load_dit(random_ckpt)
-    Z.apply_loras(dit, [tmp_path / "a.safetensors", tmp_path / "b.safetensors"], w)
+    info = lora_file.apply_loras(dit, [tmp_path / "a.safetensors", tmp_path / "b.safetensors"], weights)
+    w = weights or [0.5, 0.5]
+    assert info["weights"] == w
     merged = Z.lora_modules(dit)
     assert set(merged) == set(single[0]) == set(single[1])
     lay = layout([5], [7])
-    x = torch.randn(1, lay.S, dit.cfg.dim, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(1, lay.seq_len, dit.cfg.dim, generator=torch.Generator().manual_seed(6))
     rows = lay.text_rows()
     with torch.no_grad():
         for name, m in merged.items():
@@ -357,7 +362,7 @@ def test_shuffling_keeps_every_concept_phrase_whole_and_the_same_words(pp, seed)
 
 @pytest.fixture(scope="module")
 def tokenizer(random_ckpt) -> M.Tokenizer:
-    return M.load_zimage(random_ckpt, text_encoder=False, vae=False).tokenizer
+    return C.load_zimage(random_ckpt, text_encoder=False, vae=False).tokenizer
 
 
 @settings(max_examples=100, deadline=None)

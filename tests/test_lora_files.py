@@ -10,18 +10,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import checkpoint as C
+import lora_file
 import model as M
 import zerase as Z
 from tests.checkpoints import make_random_checkpoint
 
-SPEC = Z.LoRASpec(layers=(0, 1), rank=4, alpha=4.0)
+SPEC = Z.LoRASpec(layers=(0, 1), rank=4, lora_alpha=4.0)
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 
 
 def load_dit(ckpt) -> M.ZImageTransformer:
-    return M.load_zimage(ckpt, text_encoder=False, vae=False).transformer
+    return C.load_zimage(ckpt, text_encoder=False, vae=False).transformer
 
 
 def trained_lora(ckpt, spec=SPEC, seed=0) -> M.ZImageTransformer:
@@ -36,7 +38,7 @@ def trained_lora(ckpt, spec=SPEC, seed=0) -> M.ZImageTransformer:
 
 
 def save(dit, path, spec=SPEC, concept="circle"):
-    Z.save_lora(path, dit, spec, Z.base_fingerprint(dit), {"concept": concept, "steps": 3})
+    lora_file.save_lora(path, dit, spec, lora_file.base_fingerprint(dit), {"concept": concept, "steps": 3})
     return path
 
 
@@ -56,7 +58,7 @@ def dit_inputs(cfg, seed=0):
 
 
 @pytest.fixture(scope="module")
-def lora_file(random_ckpt, tmp_path_factory):
+def saved_lora(random_ckpt, tmp_path_factory):
     return save(trained_lora(random_ckpt), tmp_path_factory.mktemp("lora") / "circle.safetensors")
 
 
@@ -75,22 +77,22 @@ def other_ckpts(tmp_path_factory):
 
 
 @pytest.mark.parametrize("spec, exact", [(SPEC, True), (Z.LoRASpec(layers=(1,), targets=("to_k", "to_v"),
-                                                                    rank=2, alpha=1.0, gated=False), False)])
+                                                                    rank=2, lora_alpha=1.0, gated=False), False)])
 def test_a_saved_lora_applied_to_a_fresh_model_gives_the_in_memory_loras_outputs(random_ckpt, tmp_path,
                                                                                   spec, exact):
     """save_lora then apply_loras on a fresh model reproduces the trained model's outputs and factors."""
     # bit for bit when the scale is 1, to float rounding otherwise
     dit = trained_lora(random_ckpt, spec, seed=3)
     path = save(dit, tmp_path / "x.safetensors", spec)
-    factors, meta = Z.read_lora(path)
+    factors, meta = lora_file.read_lora(path)
     state = Z.lora_state(dit)
     assert set(factors) == set(state) and all(torch.equal(factors[k], state[k]) for k in state)
     assert (meta["layers"], meta["targets"], meta["rank"], meta["gated"]) == \
         (spec.layers, spec.targets, spec.rank, spec.gated)
-    assert meta["scale"] == spec.alpha / spec.rank
+    assert meta["scale"] == spec.lora_alpha / spec.rank
 
     fresh = load_dit(random_ckpt)
-    info = Z.apply_loras(fresh, [path])
+    info = lora_file.apply_loras(fresh, [path])
     assert info["metas"][0]["concept"] == "circle"
     inputs = dit_inputs(dit.cfg)
     with torch.no_grad():
@@ -105,10 +107,10 @@ def test_a_saved_lora_applied_to_a_fresh_model_gives_the_in_memory_loras_outputs
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
-def test_the_file_has_no_ordinary_lora_key_names_and_says_what_it_is(lora_file, random_ckpt):
+def test_the_file_has_no_ordinary_lora_key_names_and_says_what_it_is(saved_lora, random_ckpt):
     """No key is named like an ordinary LoRA's, and the metadata says what the file is and what it is for."""
     # so ordinary LoRA loaders find nothing to apply to image tokens
-    with safe_open(str(lora_file), "pt") as f:
+    with safe_open(str(saved_lora), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     assert keys and all(k.startswith("zerase_gated.") for k in keys)
     for name in ("lora_a", "lora_b", "lora_down", "lora_up", "lora."):
@@ -117,7 +119,7 @@ def test_the_file_has_no_ordinary_lora_key_names_and_says_what_it_is(lora_file, 
     assert meta["concept"] == "circle"
     assert json.loads(meta["targets"]) == ["to_q", "to_k", "to_v"] and json.loads(meta["layers"]) == [0, 1]
     assert int(meta["rank"]) == 4 and float(meta["scale"]) == 1.0 and meta["gate"] == "text"
-    assert meta["base_model"] == Z.base_fingerprint(load_dit(random_ckpt))
+    assert meta["base_model"] == lora_file.base_fingerprint(load_dit(random_ckpt))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -137,8 +139,8 @@ def test_an_ordinary_lora_file_is_refused(tmp_path, random_ckpt):
     save_file(t, str(forged), metadata={"format": "zerase-gated-lora", "format_version": "1"})
     dit = load_dit(random_ckpt)
     for p in (plain, with_meta, forged):
-        with pytest.raises(Z.LoRAFileError, match="not a zerase token-gated LoRA") as e:
-            Z.apply_loras(dit, [p])
+        with pytest.raises(lora_file.LoRAFileError, match="not a zerase token-gated LoRA") as e:
+            lora_file.apply_loras(dit, [p])
         assert str(p) in str(e.value)
     assert not Z.lora_modules(dit)
 
@@ -147,22 +149,22 @@ def test_the_vae_weights_are_refused_as_a_lora(random_ckpt):
     """Another safetensors file of the checkpoint (the VAE weights) is refused as not a zerase LoRA."""
     vae = random_ckpt / "vae" / "diffusion_pytorch_model.safetensors"
     assert vae.is_file()
-    with pytest.raises(Z.LoRAFileError, match="not a zerase token-gated LoRA"):
-        Z.read_lora(vae)
+    with pytest.raises(lora_file.LoRAFileError, match="not a zerase token-gated LoRA"):
+        lora_file.read_lora(vae)
 
 
-def test_random_bytes_an_empty_file_a_truncated_lora_and_a_missing_path_are_refused(tmp_path, lora_file):
+def test_random_bytes_an_empty_file_a_truncated_lora_and_a_missing_path_are_refused(tmp_path, saved_lora):
     """Random bytes, an empty file, a truncated LoRA, a missing path and a folder give a LoRAFileError."""
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(os.urandom(4096))
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(b"")
     cut = tmp_path / "cut.safetensors"
-    data = lora_file.read_bytes()
+    data = saved_lora.read_bytes()
     cut.write_bytes(data[:len(data) // 2])
     for p in (junk, empty, cut, tmp_path / "missing.safetensors", tmp_path):
-        with pytest.raises(Z.LoRAFileError, match="not a readable safetensors file"):
-            Z.read_lora(p)
+        with pytest.raises(lora_file.LoRAFileError, match="not a readable safetensors file"):
+            lora_file.read_lora(p)
 
 
 class _Tripwire:
@@ -186,8 +188,8 @@ def test_a_torch_pickle_is_refused_without_being_unpickled(tmp_path):
     renamed = tmp_path / "evil.safetensors"
     renamed.write_bytes(pt.read_bytes())
     for path in (pt, renamed):
-        with pytest.raises(Z.LoRAFileError, match="not a readable safetensors file"):
-            Z.read_lora(path)
+        with pytest.raises(lora_file.LoRAFileError, match="not a readable safetensors file"):
+            lora_file.read_lora(path)
         assert not flag.exists()
 
 
@@ -202,31 +204,31 @@ def test_a_lora_trained_on_another_model_is_refused(other, other_ckpts, random_c
     n_layers = load_dit(ckpt).cfg.n_layers
     spec = Z.LoRASpec(layers=tuple(range(n_layers)))
     path = save(trained_lora(ckpt, spec), tmp_path / f"{other}.safetensors", spec)
-    Z.apply_loras(load_dit(ckpt), [path])  # fine on its own model
-    with pytest.raises(Z.LoRAFileError, match="another base model"):
-        Z.apply_loras(load_dit(random_ckpt), [path])
+    lora_file.apply_loras(load_dit(ckpt), [path])  # fine on its own model
+    with pytest.raises(lora_file.LoRAFileError, match="another base model"):
+        lora_file.apply_loras(load_dit(random_ckpt), [path])
 
 
 def test_a_lora_for_other_shapes_or_layers_is_refused_even_with_a_matching_fingerprint(
         other_ckpts, random_ckpt, tmp_path):
     """With a forged fingerprint, the shape and layer checks still refuse a LoRA of another model."""
-    base = Z.base_fingerprint(load_dit(random_ckpt))
+    base = lora_file.base_fingerprint(load_dit(random_ckpt))
     forge = lambda m: {**m, "base_model": base}  # noqa: E731
     wide = save(trained_lora(other_ckpts["dim"]), tmp_path / "wide.safetensors")
     deep_spec = Z.LoRASpec(layers=(0, 1, 2))
     deep = save(trained_lora(other_ckpts["layers"], deep_spec), tmp_path / "deep.safetensors", deep_spec)
-    with pytest.raises(Z.LoRAFileError, match="does not fit this model"):
-        Z.apply_loras(load_dit(random_ckpt), [rewrite(wide, tmp_path / "wide2.safetensors", meta=forge)])
-    with pytest.raises(Z.LoRAFileError, match="which this model does not have"):
-        Z.apply_loras(load_dit(random_ckpt), [rewrite(deep, tmp_path / "deep2.safetensors", meta=forge)])
+    with pytest.raises(lora_file.LoRAFileError, match="does not fit this model"):
+        lora_file.apply_loras(load_dit(random_ckpt), [rewrite(wide, tmp_path / "wide2.safetensors", meta=forge)])
+    with pytest.raises(lora_file.LoRAFileError, match="which this model does not have"):
+        lora_file.apply_loras(load_dit(random_ckpt), [rewrite(deep, tmp_path / "deep2.safetensors", meta=forge)])
 
 
-def test_loras_with_different_targets_or_gates_are_not_merged(random_ckpt, tmp_path, lora_file):
+def test_loras_with_different_targets_or_gates_are_not_merged(random_ckpt, tmp_path, saved_lora):
     """LoRAs with different gates or on different layers are refused together (Eq. 63 needs the same ones)."""
     for spec in (Z.LoRASpec(layers=(0, 1), gated=False), Z.LoRASpec(layers=(1,))):
         other = save(trained_lora(random_ckpt, spec), tmp_path / "other.safetensors", spec)
-        with pytest.raises(Z.LoRAFileError, match="targets other layers/projections or gate"):
-            Z.apply_loras(load_dit(random_ckpt), [lora_file, other])
+        with pytest.raises(lora_file.LoRAFileError, match="targets other layers/projections or gate"):
+            lora_file.apply_loras(load_dit(random_ckpt), [saved_lora, other])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -235,39 +237,39 @@ def test_loras_with_different_targets_or_gates_are_not_merged(random_ckpt, tmp_p
 
 @pytest.mark.parametrize("field", ["layers", "targets", "rank", "scale", "gate", "base_model",
                                    "format_version"])
-def test_a_zerase_lora_with_a_missing_metadata_field_is_refused(field, lora_file, tmp_path):
+def test_a_zerase_lora_with_a_missing_metadata_field_is_refused(field, saved_lora, tmp_path):
     """Dropping any metadata field the loader needs gives a LoRAFileError, not a KeyError."""
     drop = lambda m: {k: v for k, v in m.items() if k != field}  # noqa: E731
-    path = rewrite(lora_file, tmp_path / "x.safetensors", meta=drop)
-    with pytest.raises(Z.LoRAFileError, match="metadata"):
-        Z.read_lora(path)
+    path = rewrite(saved_lora, tmp_path / "x.safetensors", meta=drop)
+    with pytest.raises(lora_file.LoRAFileError, match="metadata"):
+        lora_file.read_lora(path)
 
 
-def test_a_zerase_lora_with_garbled_metadata_is_refused(lora_file, tmp_path):
+def test_a_zerase_lora_with_garbled_metadata_is_refused(saved_lora, tmp_path):
     """Metadata values that do not parse (layers not JSON, rank not a number) give a LoRAFileError."""
     for edit in ({"layers": "[0, 1"}, {"rank": "four"}, {"scale": "x"}):
-        path = rewrite(lora_file, tmp_path / "x.safetensors", meta=lambda m: {**m, **edit})
-        with pytest.raises(Z.LoRAFileError, match="metadata"):
-            Z.read_lora(path)
+        path = rewrite(saved_lora, tmp_path / "x.safetensors", meta=lambda m: {**m, **edit})
+        with pytest.raises(lora_file.LoRAFileError, match="metadata"):
+            lora_file.read_lora(path)
 
 
-def test_a_lora_from_a_newer_format_version_asks_for_an_upgrade(lora_file, tmp_path):
+def test_a_lora_from_a_newer_format_version_asks_for_an_upgrade(saved_lora, tmp_path):
     """A file of a newer format version is refused with the advice to upgrade zerase."""
-    path = rewrite(lora_file, tmp_path / "x.safetensors", meta=lambda m: {**m, "format_version": "99"})
-    with pytest.raises(Z.LoRAFileError, match="upgrade zerase"):
-        Z.read_lora(path)
+    path = rewrite(saved_lora, tmp_path / "x.safetensors", meta=lambda m: {**m, "format_version": "99"})
+    with pytest.raises(lora_file.LoRAFileError, match="upgrade zerase"):
+        lora_file.read_lora(path)
 
 
-def test_a_zerase_lora_missing_factors_is_refused(lora_file, random_ckpt, tmp_path):
+def test_a_zerase_lora_missing_factors_is_refused(saved_lora, random_ckpt, tmp_path):
     """A file missing a factor, a listed projection's factors, or all factors is a LoRAFileError."""
     key = "zerase_gated.layers.1.attention.to_v"
     without = lambda *drop: lambda t: {k: v for k, v in t.items() if k not in drop}  # noqa: E731
-    half = rewrite(lora_file, tmp_path / "half.safetensors", tensors=without(f"{key}.B"))
-    with pytest.raises(Z.LoRAFileError, match="one A and one B factor"):
-        Z.read_lora(half)
-    gone = rewrite(lora_file, tmp_path / "gone.safetensors", tensors=without(f"{key}.A", f"{key}.B"))
-    with pytest.raises(Z.LoRAFileError, match="no factors for layers.1.attention.to_v"):
-        Z.apply_loras(load_dit(random_ckpt), [gone])
-    empty = rewrite(lora_file, tmp_path / "empty.safetensors", tensors=lambda t: {})
-    with pytest.raises(Z.LoRAFileError):
-        Z.read_lora(empty)
+    half = rewrite(saved_lora, tmp_path / "half.safetensors", tensors=without(f"{key}.B"))
+    with pytest.raises(lora_file.LoRAFileError, match="one A and one B factor"):
+        lora_file.read_lora(half)
+    gone = rewrite(saved_lora, tmp_path / "gone.safetensors", tensors=without(f"{key}.A", f"{key}.B"))
+    with pytest.raises(lora_file.LoRAFileError, match="no factors for layers.1.attention.to_v"):
+        lora_file.apply_loras(load_dit(random_ckpt), [gone])
+    empty = rewrite(saved_lora, tmp_path / "empty.safetensors", tensors=lambda t: {})
+    with pytest.raises(lora_file.LoRAFileError):
+        lora_file.read_lora(empty)

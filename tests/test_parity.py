@@ -7,6 +7,7 @@ Tolerance: max |ours - ref| <= 1e-4 * max |ref| (relative to the output scale).
 import pytest
 import torch
 
+import checkpoint as C
 import model as M
 
 PROMPTS = ["", "a red star", "a small blue house next to a tall green tree in the style of Van Gogh, " * 3]
@@ -24,7 +25,7 @@ def close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> float:
 
 @pytest.fixture(scope="module")
 def zi(random_ckpt):
-    return M.load_zimage(random_ckpt)
+    return C.load_zimage(random_ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,7 @@ def test_dit_matches_diffusers_when_dim_exceeds_the_adaln_width(tmp_path):
     from tests.checkpoints import make_random_checkpoint
     ckpt = make_random_checkpoint(tmp_path / "wide", seed=2, transformer={
         "dim": 288, "n_heads": 3, "n_kv_heads": 3, "axes_dims": [32, 32, 32], "n_layers": 1, "n_refiner_layers": 1})
-    ours = M.load_transformer(ckpt / "transformer")
+    ours = C.load_transformer(ckpt / "transformer")
     ref = ZImageTransformer2DModel.from_pretrained(ckpt, subfolder="transformer").eval()
     assert ours.t_embedder.mlp[2].weight.shape[0] == 256
     g = torch.Generator().manual_seed(0)

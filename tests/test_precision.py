@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import model as M
+import checkpoint as C
+import lora_file
 import train
 import zerase as Z
 
@@ -36,7 +37,7 @@ def test_bf16_training_on_the_tiny_model_runs_with_fp32_pools(bf16_cpu, tmp_path
     train.main(tiny_args(out, "--steps", "3", "--dtype", "bfloat16"))
     recs = records(out)
     assert len(recs) == 3 and all(torch.isfinite(torch.tensor(r["L_erase"])) for r in recs)
-    factors, meta = Z.read_lora(out)
+    factors, meta = lora_file.read_lora(out)
     assert json.loads(meta["settings"])["dtype"] == "bfloat16"
     assert all(v.dtype == torch.float32 for v in factors.values())
     assert any(v.abs().sum() > 0 for k, v in factors.items() if k.endswith("lora_B"))
@@ -50,7 +51,7 @@ def test_gradient_checkpointing_trains_the_same_lora(random_ckpt, tmp_path, mode
     for flags in ([], ["--gradient-checkpointing"]):
         out = tmp_path / f"{mode}{len(flags)}.safetensors"
         train.main(small_args(random_ckpt, out, "--steps", "3", "--mode", mode, "--eps", "0", *flags))
-        loras.append(Z.read_lora(out)[0])
+        loras.append(lora_file.read_lora(out)[0])
     assert all(torch.equal(loras[0][k], loras[1][k]) for k in loras[0])
     assert any(loras[0][k].abs().sum() > 0 for k in loras[0] if k.endswith("lora_B"))
 
@@ -58,20 +59,20 @@ def test_gradient_checkpointing_trains_the_same_lora(random_ckpt, tmp_path, mode
 def test_the_fingerprint_names_the_checkpoint_not_the_load_dtype(random_ckpt_bf16_te, tmp_path, bf16_cpu):
     """A LoRA trained on the fp32 load of a checkpoint applies to its bf16 load and vice versa; a fine-tuned
     copy of the model (pad token moved) still has another fingerprint."""
-    load = lambda dtype: M.load_zimage(random_ckpt_bf16_te, dtype=dtype, text_encoder=False, vae=False).transformer
+    load = lambda dtype: C.load_zimage(random_ckpt_bf16_te, dtype=dtype, text_encoder=False, vae=False).transformer
     fp32, bf16 = load(torch.float32), load(torch.bfloat16)
-    assert Z.base_fingerprint(fp32) == Z.base_fingerprint(bf16)
+    assert lora_file.base_fingerprint(fp32) == lora_file.base_fingerprint(bf16)
     spec = Z.LoRASpec(layers=(0,))
     for src, dst in ((fp32, load(torch.bfloat16)), (bf16, load(torch.float32))):
         Z.add_lora(src, spec) if not Z.lora_modules(src) else None
         path = tmp_path / f"{src.x_pad_token.dtype}.safetensors"
-        Z.save_lora(path, src, spec, Z.base_fingerprint(src), {"concept": "circle"})
-        Z.apply_loras(dst, [path])  # raises LoRAFileError if the fingerprints disagree
+        lora_file.save_lora(path, src, spec, lora_file.base_fingerprint(src), {"concept": "circle"})
+        lora_file.apply_loras(dst, [path])  # raises LoRAFileError if the fingerprints disagree
     tuned = load(torch.float32)
     with torch.no_grad():
         tuned.x_pad_token.add_(1e-3)
     tuned.stored_values = None  # as a model built and fine-tuned in code: its own values count
-    assert Z.base_fingerprint(tuned) != Z.base_fingerprint(fp32)
+    assert lora_file.base_fingerprint(tuned) != lora_file.base_fingerprint(fp32)
 
 
 def test_the_generic_preservation_list_leaves_out_prompts_that_name_the_concept():

@@ -33,7 +33,7 @@ def test_real_text_encoder_has_the_reference_keys_of_the_layers_we_use():
     used = {k: v for k, v in _shapes(ref).items() if k != "norm.weight" and not k.startswith(f"layers.{last}.")}
     assert _shapes(ours) == used
     all_params = sum(v.numel() for v in ref.parameters())
-    assert all_params == 4_022_468_096  # spec §3.1: the checkpoint's parameters without lm_head
+    assert all_params == 4_022_468_096  # Qwen3-4B's parameters without lm_head
 
 
 def test_real_vae_has_the_reference_keys_shapes_and_parameter_count():

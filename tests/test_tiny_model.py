@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import model as M
+import checkpoint as C
 import sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def test_tiny_model_has_the_real_layout_and_loads_through_the_loader():
     index = json.loads((TINY / "text_encoder" / "model.safetensors.index.json").read_text())
     assert all(k.startswith("model.") for k in index["weight_map"])
     assert len(set(index["weight_map"].values())) >= 2
-    zi = M.load_zimage(TINY)
+    zi = C.load_zimage(TINY)
     assert zi.transformer.cfg.n_refiner_layers == 2 and zi.vae_scale_factor == 4
     assert zi.defaults["height"] == 64 and zi.defaults["steps"] == 8  # stored with the model
 
@@ -43,7 +43,7 @@ def test_sample_py_without_arguments_writes_the_default_grid(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "sample.py")], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     img = np.asarray(Image.open(tmp_path / "samples.png"))
-    n = len(M.load_zimage(TINY, text_encoder=False, vae=False).defaults["prompts"])
+    n = len(C.load_zimage(TINY, text_encoder=False, vae=False).defaults["prompts"])
     assert img.shape == (64 * ((n + 3) // 4), 64 * 4, 3)
     assert img.std() > 20  # not a blank or flat image
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import model as M
+import checkpoint as C
+import lora_file
 import train
 import zerase as Z
 
@@ -55,7 +56,7 @@ def test_a_run_writes_a_lora_file_and_a_log_of_every_loss_and_lambda_per_step(re
     """A run writes a trained zerase LoRA and a JSONL log of L_erase, L_attn, L_pr and λ ≥ 0 per step."""
     # Every B moves from 0 except the last layer's to_q: gated, it only changes that layer's caption
     # queries, which no output reads, so it gets no gradient. λ does become positive (ε = 0).
-    factors, meta = Z.read_lora(reference)
+    factors, meta = lora_file.read_lora(reference)
     assert meta["concept"] == "circle" and meta["gated"]
     last = f"layers.{max(meta['layers'])}.attention.to_q.lora_B"
     for k in (k for k in factors if k.endswith("lora_B")):
@@ -99,7 +100,7 @@ def test_g_tilde_is_measured_on_the_chosen_batch_before_and_after_the_update(ran
         assert recs[2]["L_pr_before_measured"] != recs[1]["L_pr_after"]
     else:
         assert all("L_pr_before_measured" not in r for r in recs)
-    assert json.loads(Z.read_lora(out)[1]["settings"])["gtilde_batch"] == where
+    assert json.loads(lora_file.read_lora(out)[1]["settings"])["gtilde_batch"] == where
 
 
 def test_within_a_generous_tolerance_lambda_stays_at_zero_not_below(random_ckpt, tmp_path):
@@ -121,7 +122,7 @@ def test_resuming_after_an_interrupt_gives_a_bit_identical_lora_and_log(random_c
     # Interrupted in step 5, last checkpoint at step 3: the record of step 4, flushed when the interrupted
     # process ended, must not appear twice.
     out = tmp_path / "circle.safetensors"
-    real, calls = train.forward_losses, []
+    real, calls = train.losses, []
 
     def interrupting(*a, **k):
         calls.append(1)
@@ -129,17 +130,17 @@ def test_resuming_after_an_interrupt_gives_a_bit_identical_lora_and_log(random_c
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(train, "forward_losses", interrupting)
+    monkeypatch.setattr(train, "losses", interrupting)
     with pytest.raises(KeyboardInterrupt):
         train.main(args(random_ckpt, out, *BASE))
     gc.collect()  # as at the end of an interrupted process: the open log is closed and flushed
     assert not out.exists() and out.with_suffix(".ckpt.safetensors").exists()
     assert [r["step"] for r in log_records(out)] == [1, 2, 3, 4]
 
-    monkeypatch.setattr(train, "forward_losses", real)
+    monkeypatch.setattr(train, "losses", real)
     train.main(args(random_ckpt, out, *BASE, "--resume"))
     assert "resumed from" in capsys.readouterr().out
-    got, want = Z.read_lora(out)[0], Z.read_lora(reference)[0]
+    got, want = lora_file.read_lora(out)[0], lora_file.read_lora(reference)[0]
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     assert out.with_suffix(".jsonl").read_text() == reference.with_suffix(".jsonl").read_text()
 
@@ -166,15 +167,15 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(random_ckpt
     assert str(ckpt) in lines[0] and "Traceback" not in err
     assert not out.exists()
 
-    dit = M.load_zimage(random_ckpt, text_encoder=False, vae=False).transformer
+    dit = C.load_zimage(random_ckpt, text_encoder=False, vae=False).transformer
     params = Z.add_lora(dit, Z.LoRASpec(layers=(0, 1)))
     opt = torch.optim.AdamW(params, lr=1e-3)
-    meta = M.load_training_state(ckpt, {"lora": dit}, {"opt": opt}, only=lambda k: "lora_" in k)
+    meta = C.load_training_state(ckpt, {"lora": dit}, {"opt": opt}, only=lambda k: "lora_" in k)
     assert meta["step"] == 4 and all(torch.isfinite(p).all() for p in params)
 
     monkeypatch.setattr(Z, "erase_loss", real)
     train.main(args(random_ckpt, out, *BASE, "--resume"))
-    got, want = Z.read_lora(out)[0], Z.read_lora(reference)[0]
+    got, want = lora_file.read_lora(out)[0], lora_file.read_lora(reference)[0]
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
@@ -199,7 +200,7 @@ def test_exact_mode_logs_the_lambda_star_of_each_step(random_ckpt, tmp_path, mon
     assert [r["lambda"] for r in recs] == seen and len(seen) == 3
     assert all(lam >= 0 for lam in seen)
     assert all("g_tilde" not in r for r in recs)
-    assert json.loads(Z.read_lora(out)[1]["settings"])["mode"] == "exact"
+    assert json.loads(lora_file.read_lora(out)[1]["settings"])["mode"] == "exact"
 
 
 def test_a_fixed_lambda_is_logged_and_used(random_ckpt, tmp_path):
@@ -210,7 +211,7 @@ def test_a_fixed_lambda_is_logged_and_used(random_ckpt, tmp_path):
         train.main(args(random_ckpt, out, "--steps", "3", "--fixed-lambda", lam))
         assert [r["lambda"] for r in log_records(out)] == [float(lam)] * 3
         assert all("g_tilde" not in r for r in log_records(out))
-        loras[lam] = Z.read_lora(out)[0]
+        loras[lam] = lora_file.read_lora(out)[0]
     assert any(not torch.equal(loras["0.5"][k], loras["0"][k]) for k in loras["0"])
 
 
@@ -220,14 +221,14 @@ def test_without_the_attention_loss_l_attn_is_zero_and_the_run_finishes(random_c
     train.main(args(random_ckpt, out, "--steps", "2", "--losses", "erase,pr"))
     recs = log_records(out)
     assert all(r["L_attn"] == 0.0 and r["L_erase"] > 0 for r in recs)
-    assert json.loads(Z.read_lora(out)[1]["settings"])["losses"] == ["erase", "pr"]
+    assert json.loads(lora_file.read_lora(out)[1]["settings"])["losses"] == ["erase", "pr"]
 
 
 def test_no_gate_trains_an_ungated_lora(random_ckpt, tmp_path):
     """--no-gate runs and its file says gate = none, so it is applied to every token."""
     out = tmp_path / "no-gate.safetensors"
     train.main(args(random_ckpt, out, "--steps", "2", "--no-gate"))
-    _, meta = Z.read_lora(out)
+    _, meta = lora_file.read_lora(out)
     assert meta["gate"] == "none" and not meta["gated"]
     assert len(log_records(out)) == 2
 
@@ -237,11 +238,11 @@ def test_every_preservation_prompt_gets_a_trajectory_and_pr_batch_draws_several(
     """With more --preserve prompts than --pool, each prompt still gets its own frozen trajectory (a pool
     cut at --pool would never preserve the last ones), and --pr-batch K puts K of them in every step."""
     pools, batches = [], []
-    real_pool, real_value = train.trajectory_pool, train.preservation_value
+    real_pool, real_value = train.trajectory_pool, train.pr_value
     monkeypatch.setattr(train, "trajectory_pool", lambda zi, conds, *a: pools.append(len(conds)) or
                         real_pool(zi, conds, *a))
-    monkeypatch.setattr(train, "preservation_value", lambda dit, batch: batches.append(
-        (len(batch["x_pr"]), len(batch["cpr"]), len(batch["ref_pr"]))) or real_value(dit, batch))
+    monkeypatch.setattr(train, "pr_value", lambda run, batch: batches.append(
+        (len(batch.x), len(batch.c_pr), len(batch.v_c))) or real_value(run, batch))
     prompts = ["a red square", "a blue star", "a green tree", "a pink moon", "a cyan heart"]
     out = tmp_path / "prbatch.safetensors"
     train.main(args(random_ckpt, out, "--steps", "2", "--pr-batch", "3",
@@ -249,7 +250,7 @@ def test_every_preservation_prompt_gets_a_trajectory_and_pr_batch_draws_several(
     assert pools == [2, 5]  # the concept pool (--pool 2), then one trajectory per preservation prompt
     # the measurement batch before step 1, after step 1 (= before step 2, same batch and parameters), after 2
     assert batches == [(3, 3, 3)] * 3
-    assert json.loads(Z.read_lora(out)[1]["settings"])["pr_batch"] == 3
+    assert json.loads(lora_file.read_lora(out)[1]["settings"])["pr_batch"] == 3
     assert all(math.isfinite(r["L_pr"]) for r in log_records(out))
 
 

@@ -283,6 +283,29 @@ def degraded_accuracies(model: ConceptClassifier, images: torch.Tensor, labels: 
     return {name: accuracy(model, x, labels) for name, x in variants.items()}
 
 
+def train_epoch(model, opt, sched, images, labels, batch_size: int, gen: torch.Generator) -> float:
+    """One pass over the images in a random order, with augmentation; returns the mean loss."""
+    model.train()
+    steps = len(images) // batch_size
+    order = torch.randperm(len(images), generator=gen)
+    running = 0.0
+    for i in range(steps):
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        # the clean image is seen too: a quarter of each batch skips augmentation
+        x = images[idx]
+        aug = augment(x, gen)
+        x = torch.where((torch.rand(len(x), generator=gen) < 0.75)[:, None, None, None], aug, x)
+        logits, _ = model(x)
+        loss = sum(F.cross_entropy(logits[name], labels[idx, j], label_smoothing=0.05)
+                   for j, name in enumerate(HEADS))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running += loss.item()
+    return running / steps
+
+
 def train(out: Path, seed: int, train_size: int, held_out_size: int, epochs: int, batch_size: int,
           lr: float) -> None:
     """Render the world, train with augmentation, report held-out accuracies, save to `out`."""
@@ -307,25 +330,9 @@ def train(out: Path, seed: int, train_size: int, held_out_size: int, epochs: int
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(train_size, generator=gen)
-        running = 0.0
-        for i in range(steps_per_epoch):
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            # the clean image is seen too: a quarter of each batch skips augmentation
-            x = images[idx]
-            aug = augment(x, gen)
-            x = torch.where((torch.rand(len(x), generator=gen) < 0.75)[:, None, None, None], aug, x)
-            logits, _ = model(x)
-            loss = sum(F.cross_entropy(logits[name], labels[idx, j], label_smoothing=0.05)
-                       for j, name in enumerate(HEADS))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            running += loss.item()
+        loss = train_epoch(model, opt, sched, images, labels, batch_size, gen)
         acc = accuracy(model, held_images[:500], held_labels[:500])
-        print(f"epoch {epoch + 1}/{epochs}  loss {running / steps_per_epoch:.3f}  held-out (500) "
+        print(f"epoch {epoch + 1}/{epochs}  loss {loss:.3f}  held-out (500) "
               + "  ".join(f"{k} {v:.3f}" for k, v in acc.items())
               + f"  [{time.time() - t0:.0f} s]", flush=True)
 

@@ -27,10 +27,8 @@ Here the text encoder is trained with the DiT, because a random one would not kn
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,7 +39,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import checkpoint as C  # noqa: E402
 import model as M  # noqa: E402
+from cli import atomic_write  # noqa: E402
 from tiny import world  # noqa: E402
 from tiny.tokenizer import save_tokenizer, train_tokenizer  # noqa: E402
 
@@ -79,12 +79,6 @@ GUIDANCE = 3.0
 CROP = 32  # VAE training crop size (pixels)
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
              "use_dynamic_shifting": False}
-MODEL_INDEX = {
-    "_class_name": "ZImagePipeline", "_diffusers_version": "0.36.0.dev0",
-    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "Qwen3Model"],
-    "tokenizer": ["transformers", "Qwen2Tokenizer"], "transformer": ["diffusers", "ZImageTransformer2DModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
 DEFAULT_PROMPTS = ["A painting of a red star in the style of Van Gogh", "A blue heart in the style of Monet",
                    "A yellow house, Picasso style", "A green tree in the style of Mondrian",
                    "An orange circle in the style of Hokusai", "A purple moon in the style of Klimt",
@@ -104,7 +98,7 @@ def train_vae(images: np.ndarray, work: Path, steps: int, batch: int, seed: int)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     ck, step = work / "vae.safetensors", 0
     if ck.exists():
-        step = M.load_training_state(ck, {"vae": vae}, {"vae": opt})["step"]
+        step = C.load_training_state(ck, {"vae": vae}, {"vae": opt})["step"]
         log(f"vae: resumed at step {step}")
     t0 = time.time()
     while step < steps:
@@ -128,7 +122,7 @@ def train_vae(images: np.ndarray, work: Path, steps: int, batch: int, seed: int)
         if step % 100 == 0 or step == steps:
             log(f"vae step {step}/{steps} loss {loss.item():.4f} kl {kl.item():.3f} ({time.time() - t0:.0f}s)")
         if step % 500 == 0 or step == steps:
-            M.save_training_state(ck, {"vae": vae}, {"vae": opt}, {"step": step})
+            C.save_training_state(ck, {"vae": vae}, {"vae": opt}, {"step": step})
     return vae.eval().requires_grad_(False)
 
 
@@ -160,7 +154,7 @@ def train_dit(latents: torch.Tensor, labels: dict, tok: M.Tokenizer, work: Path,
     modules = {"te": te, "dit": dit, "ema_te": ema["te"], "ema_dit": ema["dit"]}
     ck, step = work / "dit.safetensors", 0
     if ck.exists():
-        step = M.load_training_state(ck, modules, {"dit": opt})["step"]
+        step = C.load_training_state(ck, modules, {"dit": opt})["step"]
         log(f"dit: resumed at step {step}")
     shift, warmup, t0 = SCHEDULER["shift"], 200, time.time()
     while step < steps:
@@ -194,28 +188,12 @@ def train_dit(latents: torch.Tensor, labels: dict, tok: M.Tokenizer, work: Path,
         if step % 50 == 0 or step == steps:
             log(f"dit step {step}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / 60:.1f} min)")
         if step % 250 == 0 or step == steps:
-            M.save_training_state(ck, modules, {"dit": opt}, {"step": step})
+            C.save_training_state(ck, modules, {"dit": opt}, {"step": step})
     return ema["te"].eval(), ema["dit"].eval()
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Stage 6: export in the real layout
-
-def _save_sharded(tensors: dict, folder: Path, stem: str, n_shards: int) -> None:
-    """Write tensors as n_shards safetensors files plus the HF index (as the real checkpoint is stored)."""
-    from safetensors.torch import save_file
-    keys = sorted(tensors)
-    per = math.ceil(len(keys) / n_shards)
-    weight_map = {}
-    for s in range(n_shards):
-        name = f"{stem}-{s + 1:05d}-of-{n_shards:05d}.safetensors"
-        part = {k: tensors[k].contiguous() for k in keys[s * per:(s + 1) * per]}
-        save_file(part, str(folder / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in part})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (folder / f"{stem}.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-
+# Stage 6: export in the real layout (checkpoint.save_zimage)
 
 def model_defaults() -> dict:
     """What the tiny model stores about itself (zerase.json), read by sample.py and train.py instead of
@@ -247,39 +225,13 @@ def model_defaults() -> dict:
     }
 
 
-def export(out: Path, tok, vae: M.AutoencoderKL, te: M.Qwen3TextEncoder, dit: M.ZImageTransformer,
+def export(out: Path, tok_dir: Path, vae: M.AutoencoderKL, te: M.Qwen3TextEncoder, dit: M.ZImageTransformer,
            vae_cfg: dict, seed: int) -> None:
-    from safetensors.torch import save_file
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for sub in ("transformer", "text_encoder", "tokenizer", "vae", "scheduler"):
-        (tmp / sub).mkdir(parents=True)
-    dump = lambda p, obj: p.write_text(json.dumps(obj, indent=2) + "\n")
-    dump(tmp / "model_index.json", MODEL_INDEX)
-    dump(tmp / "transformer" / "config.json", TRANSFORMER)
-    _save_sharded(dict(dit.state_dict()), tmp / "transformer", "diffusion_pytorch_model", 2)
-    # Text encoder as Qwen3ForCausalLM stores it ("model." prefix). hidden_states[-2] never uses the last
-    # decoder layer or the final norm, so they were not trained; they are written (seeded random layer,
-    # unit norm) only so that the folder is a complete Qwen3 checkpoint other tools can open.
-    torch.manual_seed(seed + 1)
-    last = M.Qwen3Layer(te.cfg)
-    sd = {f"model.{k}": v for k, v in te.state_dict().items()}
-    sd.update({f"model.layers.{te.cfg.num_hidden_layers - 1}.{k}": v for k, v in last.state_dict().items()})
-    sd["model.norm.weight"] = torch.ones(te.cfg.hidden_size)
-    dump(tmp / "text_encoder" / "config.json", TEXT_ENCODER)
-    _save_sharded(sd, tmp / "text_encoder", "model", 2)
-    save_tokenizer(tok, tmp / "tokenizer")
-    dump(tmp / "vae" / "config.json", vae_cfg)
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()},
-              str(tmp / "vae" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    dump(tmp / "scheduler" / "scheduler_config.json", SCHEDULER)
-    dump(tmp / "zerase.json", model_defaults())
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    configs = {"transformer": TRANSFORMER, "text_encoder": TEXT_ENCODER, "vae": vae_cfg, "scheduler": SCHEDULER}
+    C.save_zimage(out, configs, dit, te, vae, tok_dir, defaults=model_defaults(), seed=seed)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "weights" / "zimage-tiny"))
     p.add_argument("--work", default=str(ROOT / "runs" / "tiny"), help="checkpoints and caches (resumable)")
@@ -292,7 +244,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default). The documented "
                    "run used 2 on an otherwise idle 2-core machine; use 1 if other jobs share the CPU (more "
                    "threads than free cores spin-wait and run far slower)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     work, out = Path(args.work), Path(args.out)
@@ -325,7 +281,7 @@ def main(argv=None):
     if not lat_path.exists():
         from safetensors.torch import save_file
         mean = encode_all(vae, images)
-        M.atomic_write(lat_path, lambda tmp: save_file({"mean": mean.contiguous()}, str(tmp)))
+        atomic_write(lat_path, lambda tmp: save_file({"mean": mean.contiguous()}, str(tmp)))
     from safetensors.torch import load_file
     mean = load_file(str(lat_path))["mean"]
     shift_f, scale_f = mean.mean().item(), 1.0 / mean.std().item()  # unit-variance latents for the DiT
@@ -335,7 +291,7 @@ def main(argv=None):
     log(f"latents: {tuple(latents.shape)}, scaling {vae_cfg['scaling_factor']}, shift {vae_cfg['shift_factor']}")
 
     te, dit = train_dit(latents, labels, tok, work, args.dit_steps, args.dit_batch, args.seed)
-    export(out, tok.tok, vae, te, dit, vae_cfg, args.seed)
+    export(out, tok_dir, vae, te, dit, vae_cfg, args.seed)
     log(f"wrote {out} (total {(time.time() - t_start) / 60:.1f} min this invocation)")
 
 

@@ -1,7 +1,7 @@
 """A small Qwen2-style byte-level BPE tokenizer, trained from scratch on a handful of texts.
 
-Why: Z-Image encodes prompts with Qwen3-4B's tokenizer (a Qwen2 byte-level BPE with 151,936 ids,
-spec §4). The embedded tiny model (`weights/zimage-tiny`) and the random test checkpoints need a
+Why: Z-Image encodes prompts with Qwen3-4B's tokenizer (a Qwen2 byte-level BPE with 151,936 ids).
+The embedded tiny model (`weights/zimage-tiny`) and the random test checkpoints need a
 tokenizer in exactly that format, but the real one cannot be downloaded here and its vocabulary
 would dwarf a tiny text encoder. So we train a Qwen2-compatible one with a vocabulary of a few hundred:
 - the same pipeline as Qwen2's `tokenizer.json`: NFC normalizer, Qwen2's split regex, byte-level
@@ -10,7 +10,7 @@ would dwarf a tiny text encoder. So we train a Qwen2-compatible one with a vocab
   `<|im_end|>` (eos), each one id and never split; no BOS and no other tokens added on encode;
 - a `tokenizer_config.json` that transformers loads as `Qwen2Tokenizer`, whose chat template renders
   `<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n` exactly as Qwen3's does
-  with `enable_thinking=True` (spec §3.2).
+  with `enable_thinking=True` (as diffusers' ZImagePipeline applies it).
 
 The product reads only `tokenizer.json` (with the `tokenizers` package); the config file is there so
 that diffusers' `ZImagePipeline` can load the same directory as a parity oracle.
