@@ -47,6 +47,9 @@ GENERIC_PRESERVE = ["a photo of a dog", "a portrait of a woman", "a landscape wi
                     "an oil painting of a ship"]  # used when the model stores no preservation prompts
 
 
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}  # default hyper-parameters otherwise
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concept", required=True, help="the concept to erase, as written in prompts")
@@ -58,7 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--out", help="LoRA file (default: loras/<concept>.safetensors)")
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=1e-3, help="α, AdamW learning rate")
+    p.add_argument("--lr", type=float, default=1e-3, help="α, the learning rate")
+    p.add_argument("--optim", choices=["adamw", "sgd"], default="adamw", help="adamw (the paper's optimiser) or "
+                   "sgd: the plain step θ ← θ − α·d the derivations assume (with --mode exact, each step then keeps "
+                   "the first-order rise of L_pr within αε, Eq. 9)")
     p.add_argument("--beta", type=float, default=0.1, help="β, step size of the λ update (Eq. 15)")
     p.add_argument("--eta", type=float, default=2.0, help="η, negative guidance of the erase target (Eq. 5)")
     p.add_argument("--eps", type=float, help="ε, preservation tolerance; default by category (Table 6)")
@@ -288,7 +294,7 @@ def prepare(args) -> Run:
     params = Z.add_lora(dit, s["spec"], seed=args.seed)
     kind = "fixed" if args.fixed_lambda is not None or "pr" not in terms else args.mode
     run = Run(args, dit, s["spec"], ErasePool(x, t, v_null, c_er, cer_tokens), preserve, c_null, params,
-              torch.optim.AdamW(params, lr=args.lr), s["eps"], terms, kind, settings(args, zi, s, terms), out,
+              OPTIMIZERS[args.optim](params, lr=args.lr), s["eps"], terms, kind, settings(args, zi, s, terms), out,
               out.with_suffix(".ckpt.safetensors"), lam=args.fixed_lambda or 0.0)
     if kind == "implicit":
         run.meter = GTildeMeter(fresh=args.gtilde_batch == "fresh")
@@ -304,7 +310,7 @@ def settings(args, zi: C.ZImage, s: dict, terms: set[str]) -> dict:
     """The run's settings as the LoRA file records them."""
     return {"concept": args.concept, "category": args.category, "aliases": s["aliases"], "eps": s["eps"],
             "eta": args.eta, "lr": args.lr, "beta": args.beta, "steps": args.steps, "mode": args.mode,
-            "losses": sorted(terms), "fixed_lambda": args.fixed_lambda, "seed": args.seed, "pool": args.pool,
+            "losses": sorted(terms), "optim": args.optim, "fixed_lambda": args.fixed_lambda, "seed": args.seed, "pool": args.pool,
             "pr_batch": args.pr_batch, "gtilde_batch": args.gtilde_batch,
             "dtype": str(zi.dtype).removeprefix("torch."), "gradient_checkpointing": args.gradient_checkpointing}
 
@@ -443,7 +449,7 @@ def exact_step(run: Run, step: int) -> dict:
     g_pr = torch.autograd.grad(L_pr, run.params, materialize_grads=True)  # ∇L_pr, the second backward
     d, lam_star = Z.d_star_per_param(g_er, g_pr, run.eps)  # Eqs. 11-12
     for p, d_p in zip(run.params, d):
-        p.grad = d_p  # the optimiser steps along d* (AdamW: its rescaling of d*, zerase.py note [7])
+        p.grad = d_p  # θ ← θ − α·d* with --optim sgd; AdamW steps along its rescaling of d* (zerase.py, [7])
     probed.close()
     run.opt.step()
     run.lam = float(lam_star)
