@@ -43,8 +43,9 @@ def turbo_sigmas(steps: int, shift: float) -> torch.Tensor:
 
 @torch.no_grad()
 def denoise(dit, noise: torch.Tensor, cond: list[torch.Tensor], sigmas: torch.Tensor,
-            uncond: list[torch.Tensor] | None = None, guidance: float = 0.0) -> torch.Tensor:
-    """The Turbo sampler as one explicit Euler loop; returns fp32 latents (B, C, h, w)."""
+            uncond: list[torch.Tensor] | None = None, guidance: float = 0.0, record: list | None = None):
+    """The Turbo sampler as one explicit Euler loop; returns fp32 latents (B, C, h, w). `record`, if given,
+    receives each step's model outputs (v(x, cond), v(x, uncond) or None without CFG)."""
     x = noise.float()
     cfg = uncond is not None and guidance > 0
     dtype = next(dit.parameters()).dtype
@@ -53,8 +54,10 @@ def denoise(dit, noise: torch.Tensor, cond: list[torch.Tensor], sigmas: torch.Te
         xin, caps = (torch.cat([x, x]), cond + uncond) if cfg else (x, cond)
         t = torch.full((len(xin),), 1.0 - sigma, device=x.device)  # the DiT's time: t = 1 - sigma
         v = dit(xin.to(dtype), t, caps).float()
+        pos, neg = v.chunk(2) if cfg else (v, None)
+        if record is not None:
+            record.append((pos, neg))
         if cfg:
-            pos, neg = v.chunk(2)
             v = pos + guidance * (pos - neg)
         x = x + (sigma_next - sigma) * (-v)  # Euler step on dx/dsigma = -v
     return x

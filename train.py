@@ -86,6 +86,11 @@ def parse_args(argv=None):
                    help="where L_pr is measured before/after each update for g̃ (Eq. 15): --pr-batch fresh "
                    "preservation samples the update did not see (default), or the training batch itself "
                    "(Algorithm 1 read literally; it lets λ decay to ~0, see README)")
+    p.add_argument("--gtilde", choices=["auto", "difference", "jvp"], default="auto",
+                   help="how the change of L_pr over a step is measured for g̃ (Eq. 15): difference = L_pr after "
+                   "minus before (Eq. 15 as written); jvp = the same change as a directional derivative "
+                   "∇L_pr·Δθ at the step's midpoint (forward-mode AD), which bf16 rounding cannot drown; "
+                   "auto: difference in float32, jvp in bfloat16/float16")
     p.add_argument("--pr-batch", type=int, default=2, help="preservation samples (x_pr, c_pr) per step: the "
                    "Monte-Carlo size of Eq. 8's expectation, and of the L_pr measured for g̃ (Eq. 15)")
     p.add_argument("--seed", type=int, default=0)
@@ -141,17 +146,20 @@ def trajectory_pool(zi: C.ZImage, conds: list[Tensor], c_null: Tensor, seed: int
                     steps: int, guidance: float):
     """Partial trajectories of the frozen model: for len(conds) seeded noises, trajectory i sampled under
     conds[i] as sample.py samples (the model's stored steps and guidance; Turbo: 8 steps, no CFG), and
-    every state x_{σ_k} it visits (k = 0..steps-1). Returns states (steps*n, C, h, w), their σ (steps*n,)
-    and the prompt index of each state (its trajectory i)."""
+    every state x_{σ_k} it visits (k = 0..steps-1). Returns states (steps*n, C, h, w), their σ (steps*n,),
+    the prompt index of each state (its trajectory i), and the frozen model's outputs the sampler computed
+    at each state: v_θ(x, c_i), and v_θ(x, ∅) when it sampled with CFG (else None)."""
     n = len(conds)
     sig = turbo_sigmas(steps, zi.scheduler.shift)
     x = initial_noise(n, zi.transformer.cfg.in_channels, height, width, zi.vae_scale_factor, seed).to(zi.device)
-    xs, sigmas = [], []
+    xs, sigmas, outputs = [], [], []
     for k in range(steps):
         xs.append(x.clone())
         sigmas.append(torch.full((n,), sig[k].item()))
-        x = denoise(zi.transformer, x, conds, sig[k:k + 2], [c_null] * n, guidance)  # one frozen Euler step
-    return torch.cat(xs), torch.cat(sigmas), torch.arange(n).repeat(steps)
+        x = denoise(zi.transformer, x, conds, sig[k:k + 2], [c_null] * n, guidance, record=outputs)  # one step
+    v_cond = torch.cat([pos for pos, _ in outputs])
+    v_null = torch.cat([neg for _, neg in outputs]) if outputs[0][1] is not None else None
+    return torch.cat(xs), torch.cat(sigmas), torch.arange(n).repeat(steps), v_cond, v_null
 
 
 @torch.no_grad()
@@ -205,17 +213,20 @@ class PreservePool:
 
 def build_pools(zi: C.ZImage, args, c_er: list[Tensor], c_pr: list[Tensor], c_null: Tensor, size: int):
     """The pools and their frozen references, computed once before the LoRA exists (it would not change
-    them: the LoRA is off for references). x_pr: at least one trajectory per preservation prompt."""
+    them: the LoRA is off for references). x_pr: at least one trajectory per preservation prompt. The
+    references are the outputs the sampler already computed at those states (v_θ(x, ∅) too when it sampled
+    with CFG); only those it did not compute are computed again."""
     dit, steps, guidance = zi.transformer, zi.defaults.get("steps", 8), zi.defaults.get("guidance", 0.0)
-    x_t, sigma_t, _ = trajectory_pool(zi, [c_er[0]] * args.pool, c_null, args.seed, size, size, steps, guidance)
+    x_t, sigma_t, _, _, v_null = trajectory_pool(zi, [c_er[0]] * args.pool, c_null, args.seed, size, size, steps,
+                                                 guidance)
     conds = [c_pr[i % len(c_pr)] for i in range(max(args.pool, len(c_pr)))]  # a prompt per trajectory
-    x_pr, sigma_pr, idx = trajectory_pool(zi, conds, c_null, args.seed + 1, size, size, steps, guidance)
-    per_state = [conds[i] for i in idx]
-    v_null = frozen_velocities(dit, x_t, sigma_t, [c_null] * len(x_t))  # v_θ(x_t, ∅)
-    v_pr_null = frozen_velocities(dit, x_pr, sigma_pr, [c_null] * len(x_pr))  # v_θ(x_pr, ∅)
-    v_pr = frozen_velocities(dit, x_pr, sigma_pr, per_state)  # v_θ(x_pr, c_pr)
-    return (x_t, 1 - sigma_t.to(zi.device), v_null), PreservePool(x_pr, 1 - sigma_pr.to(zi.device), per_state,
-                                                                  v_pr_null, v_pr)
+    x_pr, sigma_pr, idx, v_pr, v_pr_null = trajectory_pool(zi, conds, c_null, args.seed + 1, size, size, steps,
+                                                           guidance)  # v_pr = v_θ(x_pr, c_pr)
+    if v_null is None:  # sampled without CFG: the unconditional outputs are still to be computed
+        v_null = frozen_velocities(dit, x_t, sigma_t, [c_null] * len(x_t))  # v_θ(x_t, ∅)
+        v_pr_null = frozen_velocities(dit, x_pr, sigma_pr, [c_null] * len(x_pr))  # v_θ(x_pr, ∅)
+    return (x_t, 1 - sigma_t.to(zi.device), v_null), PreservePool(x_pr, 1 - sigma_pr.to(zi.device),
+                                                                  [conds[i] for i in idx], v_pr_null, v_pr)
 
 
 @dataclass
@@ -238,6 +249,8 @@ class Run:
     lam: float = 0.0  # λ_0 = 0 (Algorithm 1), or the fixed λ
     step: int = 0
     meter: "GTildeMeter | None" = None
+    ref_chunk: int = 1  # steps whose frozen references are computed in one call (frozen_reference)
+    refs: tuple = (None, None)  # (chunk index, its references)
     log: object = None
 
 
@@ -296,8 +309,12 @@ def prepare(args) -> Run:
     run = Run(args, dit, s["spec"], ErasePool(x, t, v_null, c_er, cer_tokens), preserve, c_null, params,
               OPTIMIZERS[args.optim](params, lr=args.lr), s["eps"], terms, kind, settings(args, zi, s, terms), out,
               out.with_suffix(".ckpt.safetensors"), lam=args.fixed_lambda or 0.0)
+    # as many steps' references per call as fit in about 4,096 tokens (16 on the tiny model, 1 at 1024²)
+    tokens = dit.layout([tuple(x.shape[-2:])], [max(len(c) for c in c_er)]).seq_len
+    run.ref_chunk = max(1, min(16, 4096 // tokens))
     if kind == "implicit":
-        run.meter = GTildeMeter(fresh=args.gtilde_batch == "fresh")
+        jvp = args.gtilde == "jvp" or (args.gtilde == "auto" and zi.dtype != torch.float32)
+        run.meter = GTildeMeter(fresh=args.gtilde_batch == "fresh", jvp=jvp)
     if args.resume and run.ckpt.exists():
         state = C.load_training_state(run.ckpt, {"lora": dit}, {"opt": run.opt}, only=lambda k: "lora_" in k)
         run.lam, run.step = state["lambda"], state["step"]
@@ -311,7 +328,7 @@ def settings(args, zi: C.ZImage, s: dict, terms: set[str]) -> dict:
     return {"concept": args.concept, "category": args.category, "aliases": s["aliases"], "eps": s["eps"],
             "eta": args.eta, "lr": args.lr, "beta": args.beta, "steps": args.steps, "mode": args.mode,
             "losses": sorted(terms), "optim": args.optim, "fixed_lambda": args.fixed_lambda, "seed": args.seed, "pool": args.pool,
-            "pr_batch": args.pr_batch, "gtilde_batch": args.gtilde_batch,
+            "pr_batch": args.pr_batch, "gtilde_batch": args.gtilde_batch, "gtilde": args.gtilde,
             "dtype": str(zi.dtype).removeprefix("torch."), "gradient_checkpointing": args.gradient_checkpointing}
 
 
@@ -321,22 +338,48 @@ def settings(args, zi: C.ZImage, s: dict, terms: set[str]) -> dict:
 
 @dataclass
 class EraseSample:
-    """One draw from D_er: a state x_t with its time, v_θ(x_t, ∅), and an erase prompt c_er."""
+    """One draw from D_er: a state x_t with its time, the erase prompt c_er, and the frozen references
+    v_θ(x_t, ∅) and v_θ(x_t, c_er) of Eq. 5's target."""
     x: Tensor  # (1, C, h, w)
     t: Tensor  # (1,)
     v_null: Tensor  # (C, h, w)
     c_er: Tensor
     concept_tokens: list[int]
+    v_c: Tensor | None = None  # (C, h, w), from frozen_reference
+
+
+def _draw_erase(run: Run, rng: random.Random) -> EraseSample:
+    e = run.erase
+    j, variant = rng.randrange(len(e.x)), rng.randrange(len(e.c_er))
+    return EraseSample(e.x[j:j + 1], e.t[j:j + 1], e.v_null[j], e.c_er[variant], e.concept_tokens[variant])
+
+
+def _step_rng(run: Run, step: int) -> random.Random:
+    return random.Random(run.args.seed * 1_000_003 + step)
 
 
 def draw(run: Run, step: int) -> tuple[EraseSample, PreserveBatch]:
     """Algorithm 1: sample c_er ~ D_er (with x_t) and K samples c_pr ~ D_pr. Everything a step draws is a
     function of (seed, step), so a resumed run draws what the uninterrupted one did."""
-    rng = random.Random(run.args.seed * 1_000_003 + step)
-    e = run.erase
-    j, variant = rng.randrange(len(e.x)), rng.randrange(len(e.c_er))
-    er = EraseSample(e.x[j:j + 1], e.t[j:j + 1], e.v_null[j], e.c_er[variant], e.concept_tokens[variant])
+    rng = _step_rng(run, step)
+    er = _draw_erase(run, rng)
+    er.v_c = frozen_reference(run, step)
     return er, run.preserve.batch([rng.randrange(len(run.preserve)) for _ in range(run.args.pr_batch)])
+
+
+@torch.no_grad()
+def frozen_reference(run: Run, step: int) -> Tensor:
+    """v_θ(x_t, c_er) of the step's draw: the frozen model (LoRA off), for Eq. 5's target. It does not depend
+    on Δθ, so the references of run.ref_chunk consecutive steps are computed in one batched call; chunks
+    start at multiples of ref_chunk, so a resumed run batches exactly as the uninterrupted one did."""
+    chunk = step // run.ref_chunk
+    if run.refs[0] != chunk:
+        first = chunk * run.ref_chunk
+        ers = [_draw_erase(run, _step_rng(run, s)) for s in range(first, first + run.ref_chunk)]
+        with Z.lora_disabled(run.dit):  # LoRA off: exactly θ
+            run.refs = (chunk, run.dit(torch.cat([e.x for e in ers]), torch.cat([e.t for e in ers]),
+                                       [e.c_er for e in ers]))
+    return run.refs[1][step % run.ref_chunk]
 
 
 def pr_loss(v: Tensor, pr: PreserveBatch) -> Tensor:
@@ -351,8 +394,6 @@ def losses(run: Run, er: EraseSample, pr: PreserveBatch, probed: ExitStack) -> t
     (x_t, c_er) and the K preservation samples, each twice. The attention probe is entered on `probed`;
     the caller closes it after backward (gradient checkpointing recomputes the probed layers there)."""
     dit = run.dit
-    with torch.no_grad(), Z.lora_disabled(dit):  # frozen reference v_θ(x_t, c_er), per step: c_er varies
-        v_c = dit(er.x, er.t, [er.c_er])[0]
     x_pr, t_pr, caps_pr = pr.inputs(run.c_null)
     x, t, caps = torch.cat([er.x, x_pr]), torch.cat([er.t, t_pr]), [er.c_er] + caps_pr  # (1 + 2K, C, h, w)
     lay = dit.layout([tuple(x.shape[-2:])] * len(caps), [len(c) for c in caps])
@@ -360,7 +401,7 @@ def losses(run: Run, er: EraseSample, pr: PreserveBatch, probed: ExitStack) -> t
     probed.enter_context(Z.attention_probe(dit, run.spec.layers if "attn" in run.terms else (), probe))
     v = dit(x, t, caps)
     zero = v.new_zeros(()).float()
-    L_erase = Z.erase_loss(v[0], Z.erase_target(er.v_null, v_c, run.args.eta)) if "erase" in run.terms else zero
+    L_erase = Z.erase_loss(v[0], Z.erase_target(er.v_null, er.v_c, run.args.eta)) if "erase" in run.terms else zero
     L_attn = probe.loss() if "attn" in run.terms else zero  # Eq. 6
     return L_erase, L_attn, pr_loss(v[1:], pr)
 
@@ -385,17 +426,22 @@ def record(step: int, L_erase: Tensor, L_attn: Tensor, L_pr: Tensor, lam: float)
 
 
 class GTildeMeter:
-    """The two L_pr values g̃ compares (Eq. 15): before and after an update, on the same batch.
+    """How much one update changed L_pr on a batch: what g̃ compares with αε (Eq. 15).
 
-    fresh=False: the training batch itself (Algorithm 1 read literally; the "before" is the loss the step
-    was trained on). fresh=True: K preservation samples the update did not fit, so that g̃ follows the
-    expected L_pr rather than the batch just fitted (measured in the README: on the training batch λ
-    decays to ~0 while L_pr rises elsewhere). A fresh batch serves a pair of steps (2p, 2p+1): step 2p's
-    "after" is measured at the parameters step 2p+1 starts from, so it is also step 2p+1's "before".
+    Where: fresh=False measures on the training batch itself (Algorithm 1 read literally; the "before" is
+    the loss the step was trained on). fresh=True measures on K preservation samples the update did not
+    fit, so that g̃ follows the expected L_pr rather than the batch just fitted (measured in the README: on
+    the training batch λ decays to ~0 while L_pr rises elsewhere). A fresh batch serves a pair of steps
+    (2p, 2p+1): step 2p's "after" is measured at the parameters step 2p+1 starts from, so it is also step
+    2p+1's "before".
+    How: jvp=False takes L_pr(after) − L_pr(before), Eq. 15 as written. In bfloat16 each L_pr carries
+    rounding noise far larger than one step's change (README: bf16), so jvp=True measures the same change
+    as the directional derivative ∇L_pr(θ_mid)·Δθ at the step's midpoint θ_mid = (θ_before + θ_after)/2,
+    by forward-mode AD: equal to the difference up to O(‖Δθ‖³), with no cancellation of two noisy values.
     """
 
-    def __init__(self, fresh: bool):
-        self.fresh, self.carried = fresh, None
+    def __init__(self, fresh: bool, jvp: bool = False):
+        self.fresh, self.jvp, self.carried, self.theta_before = fresh, jvp, None, None
 
     def batch(self, run: Run, step: int, train_batch: PreserveBatch) -> PreserveBatch:
         if not self.fresh:
@@ -405,15 +451,34 @@ class GTildeMeter:
 
     def before(self, run: Run, batch: PreserveBatch) -> float | None:
         """L_pr(θ_before) of a fresh batch (None for the training batch: its value comes from the step)."""
+        if self.jvp:
+            self.theta_before = [p.detach().clone() for p in run.params]
+            return None
         if not self.fresh:
             return None
         return self.carried if self.carried is not None else pr_value(run, batch)
 
     def after(self, run: Run, step: int, batch: PreserveBatch) -> float:
-        """L_pr(θ_after) on the same batch; kept as the next step's "before" when that step shares the batch."""
+        """L_pr(θ_after) on the same batch; kept as the next step's "before" when that step shares the batch.
+        With jvp=True: the change ∇L_pr(θ_mid)·Δθ instead."""
+        if self.jvp:
+            return pr_change(run, batch, self.theta_before)
         value = pr_value(run, batch)
         self.carried = value if self.fresh and step % 2 == 0 else None
         return value
+
+
+def pr_change(run: Run, batch: PreserveBatch, theta_before: list[Tensor]) -> float:
+    """∇L_pr(θ_mid)·Δθ on a batch, Δθ = θ_after − θ_before over the LoRA parameters (torch.func.jvp)."""
+    from torch.func import functional_call, jvp
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    names = {id(p): n for n, p in run.dit.named_parameters()}
+    mid = {names[id(p)]: (p.detach() + b) / 2 for p, b in zip(run.params, theta_before)}
+    delta = {names[id(p)]: p.detach() - b for p, b in zip(run.params, theta_before)}
+    x, t, caps = batch.inputs(run.c_null)
+    L_pr = lambda lora: pr_loss(functional_call(run.dit, lora, (x, t, caps)), batch)  # noqa: E731
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no forward AD
+        return jvp(L_pr, (mid,), (delta,))[1].item()
 
 
 def implicit_step(run: Run, step: int) -> dict:
@@ -428,13 +493,18 @@ def implicit_step(run: Run, step: int) -> dict:
     (L_erase + L_attn + run.lam * L_pr).backward()  # L_total = L_er + λ L_pr (Eq. 7, Algorithm 1)
     probed.close()
     run.opt.step()  # AdamW by default, as the paper trains; α in Eq. 15 is its learning rate (zerase.py, [7])
-    L_before = rec["L_pr"] if L_before is None else L_before
-    L_after = run.meter.after(run, step, measured)  # L_pr(θ_t), same batch
-    g = Z.g_tilde(L_before, L_after, run.args.lr, run.eps)  # Eq. 15
+    if run.meter.jvp:  # the change L_pr(θ_t) − L_pr(θ_{t-1}), measured as a derivative
+        change = run.meter.after(run, step, measured)
+        g = Z.g_tilde(0.0, change, run.args.lr, run.eps)  # Eq. 15
+        rec.update(L_pr_change=change, g_tilde=g)
+    else:
+        L_before = rec["L_pr"] if L_before is None else L_before
+        L_after = run.meter.after(run, step, measured)  # L_pr(θ_t), same batch
+        g = Z.g_tilde(L_before, L_after, run.args.lr, run.eps)  # Eq. 15
+        rec.update(L_pr_after=L_after, g_tilde=g)
+        if run.meter.fresh:
+            rec.update(L_pr_before_measured=L_before)
     run.lam = Z.update_lambda(run.lam, g, run.args.beta)  # Eq. 13: λ ← max(0, λ − β g̃), for the next step
-    rec.update(L_pr_after=L_after, g_tilde=g)
-    if run.meter.fresh:
-        rec.update(L_pr_before_measured=L_before)
     return rec
 
 

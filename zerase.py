@@ -66,7 +66,8 @@ class GatedLoRALinear(M.Linear):
             raise RuntimeError("a gated LoRA linear needs the caption rows (Layout.text_rows)")
         h_txt = x.reshape(-1, x.shape[-1]).index_select(0, text_rows)  # (n_text, D_in): S_T H, gathered
         delta = self.scale * (h_txt.to(A.dtype) @ A.T) @ B.T  # (n_text, D_out): S_T H ΔW
-        return y.reshape(-1, y.shape[-1]).index_add(0, text_rows, delta.to(y.dtype)).view_as(y)  # Eq. 4
+        # Eq. 4, added in place: y is a fresh output that no backward needs (F.linear saves x and W, not y)
+        return y.reshape(-1, y.shape[-1]).index_add_(0, text_rows, delta.to(y.dtype)).view_as(y)
 
 
 @dataclass(frozen=True)

@@ -76,23 +76,33 @@ def test_the_erase_reference_is_the_frozen_model_even_with_a_lora_installed(rand
     assert (v_lora - v_c).abs().max() > 1e-2  # the LoRA does change the prediction: the check has teeth
 
 
-def test_pool_states_are_the_sampler_states_at_their_own_time(random_ckpt, tmp_path):
-    """State k of each pool trajectory is what sample.py's Euler loop reaches after k steps, labelled with
-    t = 1 − σ_k of that state; its reference v_θ(x, ∅) is the base model at that (x, t)."""
-    run = make_run(random_ckpt, tmp_path)
-    base, zi = base_dit(random_ckpt), C.load_zimage(random_ckpt, vae=False)
+@pytest.mark.parametrize("model", ["random", "tiny"])
+def test_pool_states_are_the_sampler_states_at_their_own_time(random_ckpt, tmp_path, model):
+    """State k of each pool trajectory is what sample.py's Euler loop reaches after k steps (with the model's
+    own guidance: 0 for the random checkpoint, CFG 3 for the tiny model), labelled with t = 1 − σ_k of that
+    state; its references v_θ(x, ∅) and v_θ(x_pr, c_pr) are the base model at that (x, t)."""
+    ckpt = random_ckpt if model == "random" else train.DEFAULT_MODEL
+    extra = [] if model == "random" else ["--model", str(ckpt), "--concept", "Van Gogh", "--category", "style",
+                                          "--resolution", "64"]
+    run = make_run(random_ckpt, tmp_path, *extra)
+    base, zi = base_dit(ckpt), C.load_zimage(ckpt, vae=False)
+    steps, guidance = zi.defaults.get("steps", 8), zi.defaults.get("guidance", 0.0)
     n, size = run.args.pool, run.args.resolution
-    c_er, c_null = run.erase.c_er[0], run.c_null
-    sigmas = turbo_sigmas(8, zi.scheduler.shift)
-    x = initial_noise(n, base.cfg.in_channels, size, size, zi.vae_scale_factor, run.args.seed)
-    for k in range(8):
-        rows = slice(k * n, (k + 1) * n)
-        torch.testing.assert_close(run.erase.x[rows], x, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(run.erase.t[rows], torch.full((n,), 1 - sigmas[k].item()))
-        with torch.no_grad():
-            v = base(x, torch.full((n,), 1 - sigmas[k].item()), [c_null] * n)
-        torch.testing.assert_close(run.erase.v_null[rows], v, rtol=1e-4, atol=1e-5)
-        x = denoise(base, x, [c_er] * n, sigmas[k:k + 2])
+    sigmas = turbo_sigmas(steps, zi.scheduler.shift)
+    for pool, conds, seed in ((run.erase, [run.erase.c_er[0]] * n, run.args.seed),
+                              (run.preserve, run.preserve.c_pr[:len(run.preserve) // steps], run.args.seed + 1)):
+        m = len(conds)
+        x = initial_noise(m, base.cfg.in_channels, size, size, zi.vae_scale_factor, seed)
+        for k in range(steps):
+            rows = slice(k * m, (k + 1) * m)
+            torch.testing.assert_close(pool.x[rows], x, rtol=1e-4, atol=1e-5)
+            t = torch.full((m,), 1 - sigmas[k].item())
+            torch.testing.assert_close(pool.t[rows], t)
+            with torch.no_grad():
+                torch.testing.assert_close(pool.v_null[rows], base(x, t, [run.c_null] * m), rtol=1e-4, atol=1e-5)
+                if pool is run.preserve:
+                    torch.testing.assert_close(pool.v_c[rows], base(x, t, conds), rtol=1e-4, atol=1e-5)
+            x = denoise(base, x, conds, sigmas[k:k + 2], [run.c_null] * m, guidance)
 
 
 @pytest.mark.parametrize("kind", ["implicit", "fixed"])
