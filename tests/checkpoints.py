@@ -288,3 +288,44 @@ if __name__ == "__main__":  # python -m tests.checkpoints DIR: write a random ch
     import sys
 
     print(make_random_checkpoint(Path(sys.argv[1] if len(sys.argv) > 1 else "out/zimage-random")))
+
+
+# --------------------------------------------------------------------------------------------------
+# The real configuration at reduced depth, written by zerase's own code (checkpoint.save_zimage)
+
+TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "weights" / "zimage-tiny" / "tokenizer"
+
+
+def make_real_config_checkpoint(out_dir, *, seed: int = 0, n_layers: int = 1, n_refiner_layers: int = 1,
+                                te_layers: int = 2, pool_steps: int = 2) -> Path:
+    """A checkpoint directory in the real layout whose transformer, text-encoder and VAE configs are those of
+    Tongyi-MAI/Z-Image-Turbo (model.ZIMAGE_TURBO: dim 3840, 30 heads, Qwen3 hidden 2560, the FLUX VAE) but
+    for depth, with random weights and the tiny model's tokenizer (so the embedding table stays small).
+    Stored as the real repo stores it (transformer fp32, text encoder bf16 with the "model." prefix).
+
+    The only file the real repo lacks is zerase.json, holding just {"steps": pool_steps}: it makes train.py's
+    trajectory pools 2 states long instead of 8 so that a training run fits a CPU test. Nothing else is
+    stored there, so training takes the real model's paths: generic preservation prompts, --category needed.
+    """
+    import checkpoint as C
+    import model as M
+    out = Path(out_dir)
+    g = torch.Generator().manual_seed(seed)
+    vocab = json.loads((TINY_TOKENIZER / "tokenizer.json").read_text())["model"]["vocab"]
+    n_vocab = len(vocab) + len(json.loads((TINY_TOKENIZER / "tokenizer.json").read_text())["added_tokens"])
+    configs = {k: dict(v) for k, v in M.ZIMAGE_TURBO.items()}
+    configs["transformer"].update(n_layers=n_layers, n_refiner_layers=n_refiner_layers)
+    configs["text_encoder"].update(num_hidden_layers=te_layers, max_window_layers=te_layers, vocab_size=n_vocab,
+                                   bos_token_id=0, eos_token_id=2)
+    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731
+    with torch.device("meta"):  # built without an init pass: randomize_ draws every parameter below
+        dit = M.ZImageTransformer(M.DiTConfig.from_dict(strip(configs["transformer"])))
+        te = M.Qwen3TextEncoder(M.TextEncoderConfig.from_dict(configs["text_encoder"]))
+        vae = M.AutoencoderKL(M.VAEConfig.from_dict(strip(configs["vae"])))
+    for module in (dit, te, vae):
+        module.to_empty(device="cpu")
+        randomize_(module, g)
+    with torch.no_grad():  # halve the decoder's output so that few pixels are clipped to [-1, 1]
+        vae.decoder.conv_out.weight.mul_(0.5)
+    return C.save_zimage(out, configs, dit, te, vae, TINY_TOKENIZER, defaults={"steps": pool_steps}, seed=seed,
+                         te_dtype=torch.bfloat16)

@@ -1,5 +1,11 @@
 """Our modules built from the real Z-Image-Turbo configs have exactly the keys and shapes of the reference
-implementations (diffusers / transformers) built from the same configs — checked on the meta device."""
+implementations (diffusers / transformers) built from the same configs (checked on the meta device), and the
+real widths train and sample on CPU (random weights, reduced depth)."""
+import json
+import math
+
+import numpy as np
+import pytest
 import torch
 
 import model as M
@@ -46,3 +52,54 @@ def test_real_vae_has_the_reference_keys_shapes_and_parameter_count():
     assert _shapes(ours) == _shapes(ref)
     assert len(_shapes(ours)) == 244
     assert sum(p.numel() for p in ours.parameters()) == 83_819_683
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training and sampling at the real widths (random weights, 1 + 1 + 1 DiT blocks, 2 Qwen3 layers), on CPU
+
+
+@pytest.fixture(scope="module")
+def real_ckpt(tmp_path_factory):
+    from tests.checkpoints import make_real_config_checkpoint
+    return make_real_config_checkpoint(tmp_path_factory.mktemp("real") / "Z-Image-Turbo-depth1")
+
+
+@pytest.fixture
+def needs(request):
+    """Skip a bf16 case on CPUs that cannot run bf16 (probed in a subprocess, see conftest.bf16_cpu)."""
+    def check(dtype):
+        if dtype == "bfloat16":
+            request.getfixturevalue("bf16_cpu")
+    return check
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype, mode, checkpointing, sample_dtype", [
+    ("float32", "implicit", False, "bfloat16"), ("float32", "exact", True, "float32"),
+    ("bfloat16", "implicit", True, "float32"), ("bfloat16", "exact", False, "bfloat16")])
+def test_train_and_sample_at_the_real_configuration(real_ckpt, tmp_path, needs, dtype, mode, checkpointing,
+                                                    sample_dtype):
+    """train.py runs the real model's path (generic preservation prompts, --category, the real widths and
+    heads) in fp32 and bf16, implicit and exact, with and without gradient checkpointing; sample.py applies
+    the LoRA in either dtype (the base-model fingerprint does not depend on the load dtype)."""
+    import lora_file
+    import sample
+    import train
+    needs(dtype), needs(sample_dtype)
+    out = tmp_path / "vg.safetensors"
+    argv = ["--model", str(real_ckpt), "--concept", "Van Gogh", "--category", "style", "--resolution", "64",
+            "--steps", "2", "--pool", "1", "--variants", "2", "--preserve", "a red car", "--dtype", dtype,
+            "--mode", mode, "--out", str(out)] + (["--gradient-checkpointing"] if checkpointing else [])
+    train.main(argv)
+    recs = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all(math.isfinite(r[k]) for r in recs for k in ("L_erase", "L_attn", "L_pr"))
+    factors, meta = lora_file.read_lora(out)
+    settings = json.loads(meta["settings"])
+    assert (settings["dtype"], settings["mode"], settings["gradient_checkpointing"]) == (dtype, mode, checkpointing)
+    assert any(v.abs().sum() > 0 for k, v in factors.items() if k.endswith("lora_B"))
+    png = tmp_path / "compare.png"
+    sample.main(["--model", str(real_ckpt), "--lora", str(out), "--dtype", sample_dtype, "--height", "64",
+                 "--width", "64", "--steps", "1", "--prompt", "a painting in the style of Van Gogh",
+                 "--compare", "--out", str(png)])
+    from PIL import Image
+    assert np.asarray(Image.open(png)).shape == (128, 64, 3)  # base row above the erased row
