@@ -56,18 +56,67 @@ class GatedLoRALinear(M.Linear):
         return self
 
     def forward(self, x: Tensor, text_rows: Tensor | None = None) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)  # H W on every row: frozen
-        if not self.enabled:
-            return y
         A, B = self.lora_A, self.lora_B
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)  # H W on every row: the frozen model
         if not self.gated:  # the naive baseline (--no-gate): ΔW on image and text tokens alike
+            y = F.linear(x, self.weight, self.bias)
             return y + (self.scale * (x.to(A.dtype) @ A.T) @ B.T).to(y.dtype)
         if text_rows is None:
             raise RuntimeError("a gated LoRA linear needs the caption rows (Layout.text_rows)")
-        h_txt = x.reshape(-1, x.shape[-1]).index_select(0, text_rows)  # (n_text, D_in): S_T H, gathered
-        delta = self.scale * (h_txt.to(A.dtype) @ A.T) @ B.T  # (n_text, D_out): S_T H ΔW
-        # Eq. 4, added in place: y is a fresh output that no backward needs (F.linear saves x and W, not y)
-        return y.reshape(-1, y.shape[-1]).index_add_(0, text_rows, delta.to(y.dtype)).view_as(y)
+        return _GatedLoRA.apply(x, self.weight, self.bias, A, B, text_rows, self.scale)
+
+
+class _GatedLoRA(torch.autograd.Function):
+    """Eq. 4 as one autograd node: y = H W (+ b) on every row, then S_T H ΔW added on the caption rows in
+    place. Its derivatives are written out (backward and forward mode), so no full-size intermediate is
+    made (autograd would zero-fill a whole input gradient for the gather and copy y for the in-place add):
+    the LoRA's extra cost scales with the caption rows, not with the sequence [1]."""
+
+    @staticmethod
+    def forward(x, weight, bias, A, B, rows, scale):
+        y = F.linear(x, weight, bias)  # (..., D_out), frozen
+        h = x.reshape(-1, x.shape[-1]).index_select(0, rows)  # (n_text, D_in): S_T H, gathered
+        delta = scale * (h.to(A.dtype) @ A.T) @ B.T  # (n_text, D_out): S_T H ΔW
+        y.view(-1, y.shape[-1]).index_add_(0, rows, delta.to(y.dtype))
+        return y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, A, B, rows, scale = inputs
+        h = x.detach().reshape(-1, x.shape[-1]).index_select(0, rows)  # the caption rows only
+        ctx.save_for_backward(h, weight, A, B, rows)
+        ctx.save_for_forward(h, weight, A, B, rows)
+        ctx.scale, ctx.out_shape = scale, output.shape
+
+    @staticmethod
+    def backward(ctx, g):
+        h, weight, A, B, rows = ctx.saved_tensors
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise RuntimeError("the frozen projection of a gated LoRA linear must not require grad")
+        s = ctx.scale
+        g_txt = g.reshape(-1, g.shape[-1]).index_select(0, rows).to(A.dtype)  # (n_text, D_out)
+        u = h.to(A.dtype) @ A.T  # (n_text, r)
+        g_u = s * g_txt @ B  # (n_text, r)
+        grad_A, grad_B = g_u.T @ h.to(A.dtype), s * g_txt.T @ u  # (r, D_in), (D_out, r)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ weight  # (..., D_in): the frozen path, then the caption rows' share in place
+            grad_x.view(-1, grad_x.shape[-1]).index_add_(0, rows, (g_u @ A).to(grad_x.dtype))
+        return grad_x, None, None, grad_A, grad_B, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, A_t, B_t, rows_t, scale_t):
+        h, weight, A, B, rows = ctx.saved_tensors
+        h32, zero = h.to(A.dtype), torch.zeros((), dtype=A.dtype, device=A.device)
+        # the product rule on y = H W + s·S_T H Aᵀ Bᵀ, W frozen
+        d_t = (x_t.reshape(-1, x_t.shape[-1]).index_select(0, rows).to(A.dtype) @ A.T) @ B.T \
+            if x_t is not None else zero
+        d_t = d_t + ((h32 @ A_t.T) @ B.T if A_t is not None else zero)
+        d_t = d_t + ((h32 @ A.T) @ B_t.T if B_t is not None else zero)
+        y_t = x_t @ weight.T if x_t is not None else torch.zeros(ctx.out_shape, dtype=h.dtype, device=h.device)
+        y_t.view(-1, y_t.shape[-1]).index_add_(0, rows, (ctx.scale * d_t).to(y_t.dtype).expand(len(rows), -1))
+        return y_t
 
 
 @dataclass(frozen=True)

@@ -441,3 +441,23 @@ def test_attention_loss_equals_a_direct_softmax_lies_in_0_1_and_reaches_the_lora
             m = getattr(dit.layers[i].attention, name)
             reached = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in (m.lora_A, m.lora_B)]
             assert reached == ([False, False] if i == last and name != "to_k" else [True, True]), (i, name)
+
+
+@settings(max_examples=20, deadline=None)
+@given(nl=st.lists(st.integers(1, 9), min_size=2, max_size=2), rank=st.integers(1, 3), bias=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_the_fused_gated_linear_has_the_derivatives_of_eq_4(nl, rank, bias, seed):
+    """The gated linear's hand-written backward and forward-mode derivatives (no full-size intermediates)
+    equal finite differences of H W + S_T H ΔW in float64, for the input and both factors."""
+    n_img, n_txt = nl
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, n_img + n_txt, 5, dtype=torch.double, generator=g, requires_grad=True)
+    W, b = torch.randn(4, 5, dtype=torch.double, generator=g), torch.randn(4, dtype=torch.double, generator=g)
+    A = torch.randn(rank, 5, dtype=torch.double, generator=g, requires_grad=True)
+    B = torch.randn(4, rank, dtype=torch.double, generator=g, requires_grad=True)
+    rows = torch.arange(n_img, n_img + n_txt)  # image rows first, then the caption
+    f = lambda x, A, B: Z._GatedLoRA.apply(x, W, b if bias else None, A, B, rows, 0.7)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, A, B), check_forward_ad=True)
+    want = F.linear(x, W, b if bias else None).detach().clone()
+    want[0, n_img:] += 0.7 * (x[0, n_img:] @ A.T @ B.T).detach()
+    torch.testing.assert_close(f(x, A, B), want)
