@@ -4,6 +4,8 @@ from flags, and writes that never leave a partial file.
 """
 import os
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -48,3 +50,18 @@ def parse_device(name: str) -> torch.device:
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"unsupported device {name!r}; use cpu, cuda, cuda:N or mps.")
     return dev
+
+
+@contextmanager
+def stage(what: str, timings: dict | None = None, key: str | None = None):
+    """Report a slow setup stage as it starts and ends ("encoding 66 prompts ... 0.4 s") on stderr, and
+    keep its time in timings[key]. CUDA work is waited for, so the time is the stage's own."""
+    print(f"{what} ...", file=sys.stderr, end="", flush=True)
+    t0 = time.perf_counter()
+    yield
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    print(f" {seconds:.1f} s", file=sys.stderr, flush=True)
+    if timings is not None:
+        timings[key or what] = seconds

@@ -33,7 +33,7 @@ from torch import Tensor
 import checkpoint as C
 import lora_file
 import zerase as Z
-from cli import die, parse_device, parse_dtype
+from cli import die, parse_device, parse_dtype, stage
 from model import CheckpointError
 from sample import DEFAULT_MODEL, denoise, initial_noise, turbo_sigmas
 
@@ -251,6 +251,7 @@ class Run:
     meter: "GTildeMeter | None" = None
     ref_chunk: int = 1  # steps whose frozen references are computed in one call (frozen_reference)
     refs: tuple = (None, None)  # (chunk index, its references)
+    timings: dict = None  # seconds per setup stage
     log: object = None
 
 
@@ -286,32 +287,37 @@ def check_flags(args) -> set[str]:
     return terms
 
 
-def prepare(args) -> Run:
-    """Check the flags, load θ_0, build D_er and D_pr with their frozen references, add Δθ = 0 (Algorithm 1's
-    input), and resume from the training checkpoint if asked."""
-    terms = check_flags(args)
-    zi = C.load_zimage(args.model, parse_device(args.device), parse_dtype(args.dtype) if args.dtype else None,
-                       vae=False)
+def prepare(args, zi: C.ZImage | None = None) -> Run:
+    """Check the flags, load θ_0 (unless given), build D_er and D_pr with their frozen references, add
+    Δθ = 0 (Algorithm 1's input), and resume from the training checkpoint if asked. Each stage is reported
+    with its time and kept in run.timings."""
+    terms, timings = check_flags(args), {}
+    if zi is None:
+        with stage("loading the model", timings, "load"):
+            zi = C.load_zimage(args.model, parse_device(args.device),
+                               parse_dtype(args.dtype) if args.dtype else None, vae=False)
     s = resolve(args, zi)
     cer_prompts, cer_tokens = concept_prompts(zi, args.concept, s["aliases"], args.category, args.variants,
                                               args.seed)
     cpr_prompts = preservation_prompts(zi, args, [args.concept] + s["aliases"])
     out = Path(args.out or f"loras/{args.concept.lower().replace(' ', '-')}.safetensors")
-    feats = zi.encode_prompts(cer_prompts + cpr_prompts + [""])  # every prompt once, then the encoder goes
+    with stage(f"encoding {len(cer_prompts) + len(cpr_prompts) + 1} prompts", timings, "encode"):
+        feats = zi.encode_prompts(cer_prompts + cpr_prompts + [""])  # every prompt once, then the encoder goes
     c_er, c_pr, c_null = feats[:len(cer_prompts)], feats[len(cer_prompts):-1], feats[-1]
     zi.free_text_encoder()
     dit = zi.transformer
     dit.gradient_checkpointing = args.gradient_checkpointing
-    (x, t, v_null), preserve = build_pools(zi, args, c_er, c_pr, c_null, args.resolution or
-                                           zi.defaults.get("height", 1024))
+    size = args.resolution or zi.defaults.get("height", 1024)
+    with stage(f"trajectory pools and frozen references at {size}x{size}", timings, "pools"):
+        (x, t, v_null), preserve = build_pools(zi, args, c_er, c_pr, c_null, size)
     params = Z.add_lora(dit, s["spec"], seed=args.seed)
     kind = "fixed" if args.fixed_lambda is not None or "pr" not in terms else args.mode
     run = Run(args, dit, s["spec"], ErasePool(x, t, v_null, c_er, cer_tokens), preserve, c_null, params,
               OPTIMIZERS[args.optim](params, lr=args.lr), s["eps"], terms, kind, settings(args, zi, s, terms), out,
-              out.with_suffix(".ckpt.safetensors"), lam=args.fixed_lambda or 0.0)
+              out.with_suffix(".ckpt.safetensors"), lam=args.fixed_lambda or 0.0, timings=timings)
     # as many steps' references per call as fit in about 4,096 tokens (16 on the tiny model, 1 at 1024²)
     tokens = dit.layout([tuple(x.shape[-2:])], [max(len(c) for c in c_er)]).seq_len
-    run.ref_chunk = max(1, min(16, 4096 // tokens))
+    run.ref_chunk = max(1, min(16, 4096 // tokens, args.steps))
     if kind == "implicit":
         jvp = args.gtilde == "jvp" or (args.gtilde == "auto" and zi.dtype != torch.float32)
         run.meter = GTildeMeter(fresh=args.gtilde_batch == "fresh", jvp=jvp)

@@ -195,10 +195,21 @@ def erase_loss(v_lora_c: Tensor, v_target: Tensor) -> Tensor:
     return F.mse_loss(v_lora_c.float(), v_target.float())
 
 
-def _concept_mass(q: Tensor, k: Tensor, cols: Tensor) -> Tensor:
-    """Softmax attention mass of image queries q (H, n_img, Dh) on the key rows `cols` of k (H, S, Dh)."""
-    p = torch.softmax((q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1)  # (H, n, S)
-    return p[..., cols].sum(-1).mean()
+def _block_mass(q: Tensor, k: Tensor, cols: Tensor) -> Tensor:
+    """Σ over heads and the queries of q (H, b, Dh) of the softmax attention mass on the key rows `cols`
+    of k (H, S, Dh): exp(s_ij − logsumexp_j s_ij) summed over j in cols, in fp32."""
+    s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (H, b, S)
+    return (s[..., cols] - s.logsumexp(-1, keepdim=True)).exp().sum()
+
+
+def _concept_mass(q: Tensor, k: Tensor, cols: Tensor, block: int = 1024) -> Tensor:
+    """Mean over heads and image queries q (H, n_img, Dh) of the attention mass on `cols`, one block of
+    queries at a time inside torch.utils.checkpoint: at most (H, block, S) scores exist at once, in the
+    forward and in backward, never the layer's whole (H, n_img, S) map [2]."""
+    H, n = q.shape[:2]
+    total = sum(checkpoint(_block_mass, q[:, i:i + block], k, cols, use_reentrant=False)
+                for i in range(0, n, block))
+    return total / (H * n)
 
 
 class AttentionProbe:
@@ -216,8 +227,7 @@ class AttentionProbe:
         for i, cols in enumerate(self.rows):
             if len(cols):
                 n, S = lay.n_img[i], lay.n_img_padded[i] + lay.n_cap_padded[i]
-                self.terms.append(checkpoint(_concept_mass, q[i, :, :n], k[i, :, :S], cols.to(q.device),
-                                             use_reentrant=False))
+                self.terms.append(_concept_mass(q[i, :, :n], k[i, :, :S], cols.to(q.device)))
 
     def loss(self) -> Tensor:
         return torch.stack(self.terms).mean()
@@ -349,8 +359,9 @@ def merge_loras(factors: list[dict[str, Tensor]], scales: list[float], w: list[f
 #     rows; with the branch disabled the layer is exactly the frozen linear, so "LoRA off" IS the frozen
 #     model θ. A token-gated ΔW cannot be folded into W (it would then act on image tokens too).
 #
-# [2] Each layer's attention map is built inside torch.utils.checkpoint, so only q and k are kept for
-#     backward and at most one layer's map exists at a time, never those of all layers at once.
+# [2] Each layer's attention map is built block by block inside torch.utils.checkpoint, so only q and k are
+#     kept for backward and at most one block of one layer's map exists at a time (at 1024², a layer's whole
+#     map is 30 heads × 4,096 × 4,224 fp32 scores, 2 GB; a block of 1,024 queries, 0.5 GB).
 #
 # [3] The first-order change of L_pr in one step is L_pr(θ − α·d) − L_pr(θ) ≈ −α ∇L_pr·d, so the constraint
 #     ∇L_pr·d ≥ −ε caps the rise at αε: ε is a per-step budget in units of the learning rate, not a

@@ -461,3 +461,21 @@ def test_the_fused_gated_linear_has_the_derivatives_of_eq_4(nl, rank, bias, seed
     want = F.linear(x, W, b if bias else None).detach().clone()
     want[0, n_img:] += 0.7 * (x[0, n_img:] @ A.T @ B.T).detach()
     torch.testing.assert_close(f(x, A, B), want)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 40), S_extra=st.integers(1, 20), block=st.integers(1, 17), seed=st.integers(0, 2**16))
+def test_the_attention_mass_computed_block_by_block_equals_the_whole_map(n, S_extra, block, seed):
+    """Eq. 6's mass over blocks of image queries (the memory bound at 1024²) equals the mass from the whole
+    softmax map, in value and in gradient."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(3, n, 8, dtype=torch.double, generator=g, requires_grad=True)
+    k = torch.randn(3, n + S_extra, 8, dtype=torch.double, generator=g, requires_grad=True)
+    cols = torch.arange(n, n + S_extra)[: max(1, S_extra // 2)]
+    whole = (q @ k.transpose(-1, -2) / math.sqrt(8)).softmax(-1)[..., cols].sum(-1).mean()
+    blocked = Z._concept_mass(q, k, cols, block=block)
+    torch.testing.assert_close(blocked.double(), whole, rtol=1e-5, atol=1e-6)  # the mass is taken in fp32
+    gq, gk = torch.autograd.grad(whole, (q, k))
+    bq, bk = torch.autograd.grad(blocked, (q, k))
+    torch.testing.assert_close(bq, gq, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(bk, gk, rtol=1e-4, atol=1e-6)
