@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -272,6 +273,7 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(dim // n_heads, eps)
         self.norm_k = RMSNorm(dim // n_heads, eps)
         self.probe = None  # optional callable(q, k): how zerase's attention loss (Eq. 6) reads q and k
+        self.query_block = None  # attend a block of queries at a time (see attention_in_blocks)
 
     def qkv(self, x: torch.Tensor, freqs: torch.Tensor, text_rows: torch.Tensor | None = None):
         """Projected, QK-normed, rotated q, k, v, each (B, H, S, Dh)."""
@@ -287,8 +289,27 @@ class Attention(nn.Module):
         if self.probe is not None:
             self.probe(q, k)
         # mask (B, 1, 1, S): True = attend. Only batch padding is masked; the learned pad tokens are attended.
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, S, Dh), scale 1/sqrt(Dh)
+        if self.query_block is None:
+            h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, S, Dh), scale 1/sqrt(Dh)
+        else:  # the same attention, rows of queries in blocks (each query's softmax is over all keys)
+            b = self.query_block
+            h = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + b], k, v, attn_mask=mask)
+                           for i in range(0, q.shape[2], b)], dim=2)
         return self.to_out[0](h.transpose(1, 2).flatten(2))
+
+
+@contextmanager
+def attention_in_blocks(module: nn.Module, block: int):
+    """Inside this block every Attention of `module` attends `block` queries at a time: the same values, and
+    with the plain (math) attention at most (B, H, block, S) scores at once."""
+    mods = [m for m in module.modules() if isinstance(m, Attention)]
+    for m in mods:
+        m.query_block = block
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.query_block = None
 
 
 class FeedForward(nn.Module):

@@ -34,6 +34,7 @@ import checkpoint as C
 import lora_file
 import zerase as Z
 from cli import die, parse_device, parse_dtype, stage
+import model as M
 from model import CheckpointError
 from sample import DEFAULT_MODEL, denoise, initial_noise, turbo_sigmas
 
@@ -225,6 +226,8 @@ def build_pools(zi: C.ZImage, args, c_er: list[Tensor], c_pr: list[Tensor], c_nu
     if v_null is None:  # sampled without CFG: the unconditional outputs are still to be computed
         v_null = frozen_velocities(dit, x_t, sigma_t, [c_null] * len(x_t))  # v_θ(x_t, ∅)
         v_pr_null = frozen_velocities(dit, x_pr, sigma_pr, [c_null] * len(x_pr))  # v_θ(x_pr, ∅)
+    dt = zi.dtype  # stored in the DiT's dtype, which is what the DiT casts its inputs to anyway
+    x_t, v_null, x_pr, v_pr, v_pr_null = (a.to(dt) for a in (x_t, v_null, x_pr, v_pr, v_pr_null))
     return (x_t, 1 - sigma_t.to(zi.device), v_null), PreservePool(x_pr, 1 - sigma_pr.to(zi.device),
                                                                   [conds[i] for i in idx], v_pr_null, v_pr)
 
@@ -483,7 +486,9 @@ def pr_change(run: Run, batch: PreserveBatch, theta_before: list[Tensor]) -> flo
     delta = {names[id(p)]: p.detach() - b for p, b in zip(run.params, theta_before)}
     x, t, caps = batch.inputs(run.c_null)
     L_pr = lambda lora: pr_loss(functional_call(run.dit, lora, (x, t, caps)), batch)  # noqa: E731
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no forward AD
+    # the fused attention kernels have no forward AD; the plain one, a block of queries at a time, bounds
+    # the scores that exist at once (at 1024², 4 items' whole maps would be 4 × 30 × 4,224² values)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), M.attention_in_blocks(run.dit, 1024):
         return jvp(L_pr, (mid,), (delta,))[1].item()
 
 
