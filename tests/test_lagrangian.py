@@ -75,7 +75,10 @@ def solve_qp_by_kkt_enumeration(g_er: torch.Tensor, g_pr: torch.Tensor, eps: flo
         kkt = np.block([[np.eye(n), -a[:, None]], [a[None, :], np.zeros((1, 1))]])
         sol = np.linalg.solve(kkt, np.concatenate([g, [-eps]]))
         candidates.append((sol[:n], float(sol[n])))
-    feasible = [(d, mu) for d, mu in candidates if a @ d >= -eps - tol(np.abs(a) @ np.abs(d), eps)]
+    # Feasibility up to round-off *relative* to the terms of g_pr·d: an absolute slack would call a tiny
+    # violated constraint (|g| ~ 1e-6) satisfied and pick the unconstrained candidate.
+    slack = lambda d: 1e-9 * (np.abs(a) @ (np.abs(d) + np.abs(g)) + eps)  # noqa: E731
+    feasible = [(d, mu) for d, mu in candidates if a @ d >= -eps - slack(d)]
     return max(feasible, key=lambda c: g @ c[0] - 0.5 * c[0] @ c[0])
 
 
