@@ -201,13 +201,20 @@ class ZImage:
         self.text_encoder = None
 
 
-def load_zimage(path, device="cpu", dtype: torch.dtype | None = None, text_encoder=True, vae=True) -> ZImage:
-    """Load a Z-Image checkpoint directory in the Hugging Face layout.
+@dataclass
+class Configs:
+    """What a checkpoint directory says about itself without loading any weight (cheap: config files and
+    the tokenizer), so that a command can check its flags against the model before anything slow."""
+    path: Path
+    transformer: DiTConfig
+    vae: VAEConfig
+    scheduler: SchedulerConfig
+    tokenizer: Tokenizer
+    defaults: dict
 
-    dtype: DiT and text-encoder dtype (default fp32 on CPU, bf16 elsewhere); the VAE always runs in fp32.
-    text_encoder / vae: set False to skip loading them (training needs neither once prompts are encoded).
-    """
-    path, device = Path(path), torch.device(device)
+
+def read_configs(path) -> Configs:
+    path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory; pass --model the folder of a Z-Image checkpoint "
                               f"(the one holding model_index.json).")
@@ -215,25 +222,57 @@ def load_zimage(path, device="cpu", dtype: torch.dtype | None = None, text_encod
     if index.get("_class_name") != "ZImagePipeline":
         raise CheckpointError(f"{path}/model_index.json describes {index.get('_class_name')!r}, not a "
                               f"ZImagePipeline; pass a Z-Image checkpoint directory.")
+    return Configs(path, DiTConfig.from_json(path / "transformer" / "config.json"),
+                   VAEConfig.from_json(path / "vae" / "config.json"),
+                   SchedulerConfig.from_json(path / "scheduler" / "scheduler_config.json"),
+                   Tokenizer(path / "tokenizer" / "tokenizer.json"),
+                   _read_json(path / "zerase.json") if (path / "zerase.json").exists() else {})
+
+
+def load_zimage(path, device="cpu", dtype: torch.dtype | None = None, text_encoder=True, vae=True) -> ZImage:
+    """Load a Z-Image checkpoint directory in the Hugging Face layout.
+
+    dtype: DiT and text-encoder dtype (default fp32 on CPU, bf16 elsewhere); the VAE always runs in fp32.
+    text_encoder / vae: set False to skip loading them (training needs neither once prompts are encoded).
+    """
+    cfg, device = read_configs(path), torch.device(device)
+    path = cfg.path
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    defaults = _read_json(path / "zerase.json") if (path / "zerase.json").exists() else {}
     return ZImage(
         path=path,
         transformer=load_transformer(path / "transformer", dtype, device),
         text_encoder=load_text_encoder(path / "text_encoder", dtype, device) if text_encoder else None,
-        tokenizer=Tokenizer(path / "tokenizer" / "tokenizer.json"),
+        tokenizer=cfg.tokenizer,
         vae=load_vae(path / "vae", torch.float32, device) if vae else None,
-        vae_cfg=VAEConfig.from_json(path / "vae" / "config.json"),
-        scheduler=SchedulerConfig.from_json(path / "scheduler" / "scheduler_config.json"),
-        defaults=defaults,
+        vae_cfg=cfg.vae,
+        scheduler=cfg.scheduler,
+        defaults=cfg.defaults,
     )
+
+
+def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file whose bytes depend only on its content (tensors in name order, header keys sorted:
+    the safetensors package writes metadata in hash order, so equal runs would give different files),
+    written atomically."""
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    header, blobs, offset = {}, [], 0
+    if metadata:
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # raw little-endian bytes, bf16 included
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(len(head).to_bytes(8, "little") + head + b"".join(blobs)))
 
 
 def save_training_state(path, modules: dict, opts: dict, meta: dict, only=lambda k: True) -> None:
     """A resumable training checkpoint: module and optimizer tensors in safetensors, the rest (step, λ,
     optimizer hyper-parameters) as JSON in its metadata. `only` selects which module keys to keep."""
-    from safetensors.torch import save_file
     tensors, groups = {}, {}
     for name, m in modules.items():
         tensors.update({f"{name}.{k}": v.detach().contiguous() for k, v in m.state_dict().items() if only(k)})
@@ -244,7 +283,19 @@ def save_training_state(path, modules: dict, opts: dict, meta: dict, only=lambda
                 tensors[f"opt.{name}.{idx}.{k}"] = torch.as_tensor(v).detach().contiguous().clone()
         groups[name] = sd["param_groups"]
     meta = {**meta, "param_groups": groups}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)}))
+    write_safetensors(path, tensors, {"meta": json.dumps(meta, sort_keys=True)})
+
+
+def read_training_meta(path) -> dict:
+    """The JSON metadata of a training checkpoint (step, λ, settings, base model), without its tensors."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            meta = json.loads(f.read(n)).get("__metadata__", {})
+            return json.loads(meta["meta"])
+        except (ValueError, KeyError, UnicodeDecodeError):
+            raise CheckpointError(f"{path} is not a training checkpoint of train.py; remove it or pass another "
+                                  f"--out.") from None
 
 
 def load_training_state(path, modules: dict, opts: dict, only=lambda k: True) -> dict:

@@ -2,6 +2,8 @@
 Command-line plumbing shared by train.py, sample.py and evaluate.py: one-sentence errors, devices and dtypes
 from flags, and writes that never leave a partial file.
 """
+import argparse
+import math
 import os
 import sys
 import time
@@ -17,17 +19,118 @@ def die(msg: str, code: int = 2):
     raise SystemExit(code)
 
 
+class OutputError(OSError):
+    """An output file could not be written; the message names the user's path, not a temporary file."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write) -> None:
-    """Call write(tmp_path), then rename onto `path`, so an interrupted run never leaves a partial file."""
+    """Call write(tmp_path), then rename onto `path`, so an interrupted run never leaves a partial file. The
+    file gets the user's umask (some writers create 0600 files), and a failure names `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"could not write {path} ({e.strerror or e}); choose a writable place with room "
+                          f"for it.") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def check_output(path, flag: str, suffixes: tuple[str, ...], extra_names: tuple[str, ...] = ()) -> Path:
+    """Check an output path before any work: its suffix, that its folder exists or can be made and is
+    writable, and that its name (and the names derived from it, e.g. `.ckpt.safetensors`) fit the file
+    system. Raises ValueError naming the flag and the fix."""
+    path = Path(path)
+    if not path.name.lower().endswith(suffixes):
+        raise ValueError(f"{flag} {str(path)!r} must end with {' or '.join(suffixes)}; that is the format "
+                         f"written.")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except OSError as e:
+        raise ValueError(f"{flag} {str(path)!r}: its folder cannot be created ({e.strerror}); choose another "
+                         f"place.") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag} {str(path)!r}: the folder {str(folder)!r} is not writable; choose another "
+                         f"place.")
+    longest = max([path.name, f".{path.name}.tmp{os.getpid()}", *extra_names], key=lambda n: len(n.encode()))
+    if len(longest.encode()) > limit:
+        raise ValueError(f"{flag}: the file name {path.name!r} is too long for this file system ({limit} bytes "
+                         f"with the names derived from it); choose a shorter name.")
+    return path
+
+
+def number(flag: str, value: float, *, low: float | None = None, strict: bool = False) -> float:
+    """A finite number >= low (> low if strict); else ValueError naming the flag."""
+    if not math.isfinite(value) or (low is not None and (value <= low if strict else value < low)):
+        bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+        raise ValueError(f"{flag} must be a finite number{bound} (got {value!r}).")
+    return value
+
+
+def text(flag: str, value: str) -> str:
+    """A prompt or name from the command line: valid UTF-8 (the shell may pass undecodable bytes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{flag} is not valid UTF-8 text; pass it in UTF-8.") from None
+    return value
+
+
+@contextmanager
+def exclusive(path: Path, what: str):
+    """Hold `<path>.lock` while a run writes `path`, so two runs cannot write the same file; a lock left by a
+    process that no longer exists is taken over."""
+    lock = path.with_name(path.name + ".lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            pid = int(lock.read_text().strip() or 0) if lock.exists() else 0
+            if pid and _alive(pid):
+                raise ValueError(f"another {what} (process {pid}) is writing {path}; wait for it or choose "
+                                 f"another output.") from None
+            lock.unlink(missing_ok=True)  # stale: its process has gone
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every flag's default after its help."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text \
+                and not action.option_strings == ["-h", "--help"]:
+            text += " (default: %(default)s)"
+        return text
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -19,7 +19,6 @@ from torch import Tensor
 
 import checkpoint as C
 import zerase as Z
-from cli import atomic_write
 
 FORMAT, FORMAT_VERSION = "zerase-gated-lora", 1
 KEY_PREFIX = "zerase_gated."
@@ -41,7 +40,6 @@ def base_fingerprint(dit: nn.Module) -> str:
 
 
 def save_lora(path, dit: nn.Module, spec: Z.LoRASpec, base: str, settings: dict) -> None:
-    from safetensors.torch import save_file
     tensors = {}
     for n, m in Z.lora_modules(dit).items():
         tensors[f"{KEY_PREFIX}{n}.A"] = m.lora_A.detach().float().cpu().contiguous()
@@ -51,8 +49,8 @@ def save_lora(path, dit: nn.Module, spec: Z.LoRASpec, base: str, settings: dict)
             "layers": json.dumps(list(spec.layers)), "targets": json.dumps(list(spec.targets)),
             "rank": str(spec.rank), "scale": repr(spec.lora_alpha / spec.rank), "base_model": base,
             "base_config": json.dumps(dataclasses.asdict(dit.cfg)), "concept": settings.get("concept", ""),
-            "settings": json.dumps(settings)}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+            "settings": json.dumps(settings, sort_keys=True)}
+    C.write_safetensors(path, tensors, meta)
 
 
 def read_lora(path) -> tuple[dict[str, Tensor], dict]:

@@ -394,8 +394,11 @@ class Layout:
         return m
 
     def text_rows(self, device=None) -> torch.Tensor:
-        """Flat indices of the caption rows in the (B*S) flattening: the gate of the fused LoRA linear."""
-        return self.text_mask(device).flatten().nonzero().squeeze(1)
+        """Flat indices of the caption rows in the (B*S) flattening, ascending: the gate of the fused LoRA
+        linear (the True entries of text_mask, built without a data-dependent nonzero)."""
+        S = self.seq_len
+        return torch.cat([torch.arange(i * S + np_, i * S + np_ + lp, device=device)
+                          for i, (np_, lp) in enumerate(zip(self.n_img_padded, self.n_cap_padded))])
 
     def caption_row(self, i: int, j: int) -> int:
         """Unified row of caption token j of item i."""
@@ -762,6 +765,10 @@ class Tokenizer:
         for special in ("<|im_start|>", "<|im_end|>"):
             if self.tok.token_to_id(special) is None:
                 raise CheckpointError(f"{path} lacks the special token {special}; it is not a Qwen tokenizer.")
+
+    def n_tokens(self, prompt: str) -> int:
+        """Tokens of the chat-templated prompt, uncut (encode cuts at MAX_TEXT_TOKENS, as the pipeline does)."""
+        return len(self.tok.encode(CHAT_TEMPLATE.format(prompt=prompt)).ids)
 
     def encode(self, prompt: str, max_tokens: int = MAX_TEXT_TOKENS) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids of the chat-templated prompt (real tokens only, at most max_tokens, cut from the right)

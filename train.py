@@ -18,6 +18,7 @@ encoded once and the text encoder is freed; the VAE is never loaded.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import random
@@ -26,6 +27,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -33,7 +35,8 @@ from torch import Tensor
 import checkpoint as C
 import lora_file
 import zerase as Z
-from cli import die, parse_device, parse_dtype, stage
+from cli import (HelpFormatter, OutputError, check_output, die, exclusive, number, parse_device, parse_dtype,
+                 stage, text)
 import model as M
 from model import CheckpointError
 from sample import DEFAULT_MODEL, denoise, initial_noise, turbo_sigmas
@@ -48,44 +51,49 @@ GENERIC_PRESERVE = ["a photo of a dog", "a portrait of a woman", "a landscape wi
                     "an oil painting of a ship"]  # used when the model stores no preservation prompts
 
 
+DEFAULT_RESOLUTION = 512  # for checkpoints that store none (the real model): README, "Real Z-Image-Turbo"
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}  # default hyper-parameters otherwise
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--concept", required=True, help="the concept to erase, as written in prompts")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--concept", help="the concept to erase, as prompts write it (any case); required")
+    p.add_argument("--list-concepts", action="store_true", help="print the concepts the model knows and exit")
     p.add_argument("--category", choices=sorted(EPS_BY_CATEGORY), help="sets ε (Table 6) and the prompt "
                    "template (Table 7); default: from the model's zerase.json")
+    p.add_argument("--force", action="store_true", help="train a concept the model does not list, and "
+                   "overwrite an existing --out")
     p.add_argument("--alias", action="append", default=[], help="another spelling of the concept (repeatable)")
     p.add_argument("--preserve", action="append", help="a preservation prompt c_pr (repeatable); default: the "
                    "model's own list (zerase.json), else a generic list")
-    p.add_argument("--model", default=str(DEFAULT_MODEL))
-    p.add_argument("--out", help="LoRA file (default: loras/<concept>.safetensors)")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="Z-Image checkpoint directory (HF layout)")
+    p.add_argument("--out", help="LoRA file, .safetensors (default: loras/<concept>.safetensors)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps M (Algorithm 1)")
     p.add_argument("--lr", type=float, default=1e-3, help="α, the learning rate")
     p.add_argument("--optim", choices=["adamw", "sgd"], default="adamw", help="adamw (the paper's optimiser) or "
-                   "sgd: the plain step θ ← θ − α·d the derivations assume (with --mode exact, each step then keeps "
-                   "the first-order rise of L_pr within αε, Eq. 9)")
+                   "sgd: the plain step θ ← θ − α·d the derivations assume (with --mode exact, each step then "
+                   "keeps the first-order rise of L_pr within αε, Eq. 9)")
     p.add_argument("--beta", type=float, default=0.1, help="β, step size of the λ update (Eq. 15)")
     p.add_argument("--eta", type=float, default=2.0, help="η, negative guidance of the erase target (Eq. 5)")
-    p.add_argument("--eps", type=float, help="ε, preservation tolerance; default by category (Table 6)")
+    p.add_argument("--eps", type=float, help="ε, preservation tolerance per step, in units of α; default by "
+                   "category (Table 6)")
     p.add_argument("--mode", choices=["implicit", "exact"], default="implicit",
                    help="implicit: Algorithm 1 (one backward); exact: gradient surgery, Eqs. 11-12 (two)")
     p.add_argument("--fixed-lambda", type=float, help="baseline: static scalarisation L_er + X·L_pr")
     p.add_argument("--no-gate", action="store_true", help="baseline: naive LoRA on image and text tokens")
     p.add_argument("--losses", default="erase,attn,pr", help="subset of erase,attn,pr (Table 5 ablation)")
-    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank r")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (scale = lora_alpha/rank); default = rank")
     p.add_argument("--alpha", type=float, dest="deprecated_alpha", help=argparse.SUPPRESS)  # old --lora-alpha
     p.add_argument("--targets", default="to_q,to_k,to_v", help="projections of the unified layers to adapt")
     p.add_argument("--layers", default="all", help="unified layers to adapt: all, or e.g. 0,1,2")
     p.add_argument("--resolution", type=int, help="training image size in pixels (default: the model's own, "
-                   "else 1024)")
+                   f"else {DEFAULT_RESOLUTION}, as the official release trains; see README)")
     p.add_argument("--pool", type=int, default=32, help="frozen-model trajectories to draw x_t from")
     p.add_argument("--variants", type=int, default=32, help="word-shuffled concept prompts, encoded once")
     p.add_argument("--gtilde-batch", choices=["train", "fresh"], default="fresh",
                    help="where L_pr is measured before/after each update for g̃ (Eq. 15): --pr-batch fresh "
-                   "preservation samples the update did not see (default), or the training batch itself "
+                   "preservation samples the update did not see, or the training batch itself "
                    "(Algorithm 1 read literally; it lets λ decay to ~0, see README)")
     p.add_argument("--gtilde", choices=["auto", "difference", "jvp"], default="auto",
                    help="how the change of L_pr over a step is measured for g̃ (Eq. 15): difference = L_pr after "
@@ -94,12 +102,15 @@ def parse_args(argv=None):
                    "auto: difference in float32, jvp in bfloat16/float16")
     p.add_argument("--pr-batch", type=int, default=2, help="preservation samples (x_pr, c_pr) per step: the "
                    "Monte-Carlo size of Eq. 8's expectation, and of the L_pr measured for g̃ (Eq. 15)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt.safetensors")
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seeds the pools' noise, the LoRA init and every draw")
+    p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt.safetensors (same flags)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between training checkpoints")
+    p.add_argument("--keep-checkpoint", action="store_true", help="keep <out>.ckpt.safetensors after a "
+                   "finished run (it is removed by default)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", help="float32 (CPU default) or bfloat16 (GPU default)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward "
+                   "(memory for the real model at 1024²)")
     return p.parse_args(argv)
 
 
@@ -107,7 +118,7 @@ def parse_args(argv=None):
 # Algorithm 1's inputs: D_er and D_pr as prompts, trajectory pools and frozen references
 
 
-def concept_prompts(zi: C.ZImage, concept: str, aliases: list[str], category: str, n: int, seed: int):
+def concept_prompts(tokenizer: M.Tokenizer, concept: str, aliases: list[str], category: str, n: int, seed: int):
     """n erase prompts c_er (the Table 7 template, then word-shuffled variants) and, for each, the indices
     of the concept's tokens in its templated caption, located again after every shuffle (§4.1)."""
     names = [concept] + aliases
@@ -116,7 +127,7 @@ def concept_prompts(zi: C.ZImage, concept: str, aliases: list[str], category: st
     prompts, tokens = [], []
     for i in range(n):
         p = base[i % len(base)] if i < len(base) else Z.shuffle_words(rng.choice(base), names, rng)
-        spans = zi.tokenizer.encode(p)[1]
+        spans = tokenizer.encode(p)[1]
         idx = Z.concept_token_indices(spans, Z.find_phrases(p, names))
         if not idx:
             raise ValueError(f"the concept {concept!r} cannot be found among the tokens of {p!r}; "
@@ -126,19 +137,20 @@ def concept_prompts(zi: C.ZImage, concept: str, aliases: list[str], category: st
     return prompts, tokens
 
 
-def preservation_prompts(zi: C.ZImage, args, names: list[str]) -> list[str]:
+def preservation_prompts(defaults: dict, preserve: list[str] | None, category: str, concept: str,
+                         names: list[str]) -> list[str]:
     """D_pr: --preserve, else the model's stored list for the category, else GENERIC_PRESERVE; prompts that
     name the concept (or an alias, whole words, any case: the matcher that locates concept tokens) are left
     out, since preserving them would hold the model where the erasure must move it."""
-    if args.preserve:
-        if named := [p for p in args.preserve if Z.find_phrases(p, names)]:
+    if preserve:
+        if named := [p for p in preserve if Z.find_phrases(p, names)]:
             raise ValueError(f"--preserve {named[0]!r} names the concept being erased; preservation prompts must "
-                             f"not contain {args.concept!r} or its aliases.")
-        return args.preserve
-    stored = zi.defaults.get("preserve", {}).get(args.category, []) or GENERIC_PRESERVE
+                             f"not contain {concept!r} or its aliases.")
+        return preserve
+    stored = defaults.get("preserve", {}).get(category, []) or GENERIC_PRESERVE
     kept = [p for p in stored if not Z.find_phrases(p, names)]
     if not kept:
-        raise ValueError(f"every preservation prompt names {args.concept!r}, so none is left to preserve; pass "
+        raise ValueError(f"every preservation prompt names {concept!r}, so none is left to preserve; pass "
                          f"--preserve PROMPT (repeatable) with prompts that do not.")
     return kept
 
@@ -258,87 +270,220 @@ class Run:
     log: object = None
 
 
-def resolve(args, zi: C.ZImage) -> dict:
-    """Settings that need the model: category, ε, layers, aliases; raises ValueError with the fix."""
-    args.category = args.category or zi.defaults.get("categories", {}).get(args.concept)
-    if args.category is None:
-        raise ValueError(f"no --category given for {args.concept!r} and the model does not know it; pass "
-                         f"--category with one of {', '.join(sorted(EPS_BY_CATEGORY))}.")
-    targets, n_layers = tuple(args.targets.split(",")), zi.transformer.cfg.n_layers
-    layers = tuple(range(n_layers)) if args.layers == "all" else tuple(int(i) for i in args.layers.split(","))
-    if not set(targets) <= {"to_q", "to_k", "to_v"} or not all(0 <= i < n_layers for i in layers):
-        raise ValueError(f"--targets must be among to_q,to_k,to_v and --layers within 0..{n_layers - 1}.")
-    lora_alpha = args.lora_alpha or args.deprecated_alpha or float(args.rank)
-    return {"eps": args.eps if args.eps is not None else EPS_BY_CATEGORY[args.category],
-            "aliases": args.alias or zi.defaults.get("aliases", {}).get(args.concept, []),
-            "spec": Z.LoRASpec(layers=layers, targets=targets, rank=args.rank, lora_alpha=lora_alpha,
-                               gated=not args.no_gate)}
+# ---------------------------------------------------------------------------------------------------------
+# The command line, checked before anything slow: flags, the model's own configs (no weights), outputs
+
+
+@dataclass
+class Plan:
+    """A run's resolved settings, all checked: what prepare builds and what the LoRA file records."""
+    concept: str  # as the model spells it
+    category: str
+    eps: float
+    aliases: list[str]
+    spec: Z.LoRASpec
+    terms: set[str]  # the loss terms in use: erase, attn, pr (Table 5)
+    size: int  # training resolution in pixels
+    dtype: torch.dtype
+    cer_prompts: list[str]
+    cer_tokens: list[list[int]]
+    cpr_prompts: list[str]
+    out: Path
+    settings: dict
 
 
 def check_flags(args) -> set[str]:
-    """Flags that need no model; returns the loss terms. Raises ValueError naming the flag."""
+    """Flags that need no model; returns the loss terms. Raises ValueError naming the flag and the fix."""
     terms = set(args.losses.split(","))
     if not terms or not terms <= {"erase", "attn", "pr"}:
         raise ValueError(f"--losses must be a subset of erase,attn,pr (got {args.losses!r}).")
-    if min(args.steps, args.rank, args.pool, args.variants, args.pr_batch, args.checkpoint_every) < 1 \
-            or args.lr <= 0:
-        raise ValueError("--steps, --lr, --rank, --pool, --variants, --pr-batch, --checkpoint-every must be > 0.")
-    if min(args.eps if args.eps is not None else 0, args.fixed_lambda or 0) < 0:
-        raise ValueError("--eps and --fixed-lambda must be >= 0 (a negative λ rewards raising L_pr).")
+    for flag in ("steps", "rank", "pool", "variants", "pr_batch", "checkpoint_every"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)}).")
+    number("--lr", args.lr, low=0, strict=True)
+    for flag, low in (("beta", 0), ("eta", 0), ("eps", 0), ("fixed_lambda", 0), ("lora_alpha", 0),
+                      ("deprecated_alpha", 0)):
+        if getattr(args, flag) is not None:
+            number(f"--{flag.replace('_', '-')}" if flag != "deprecated_alpha" else "--alpha", getattr(args, flag),
+                   low=low, strict=flag.endswith("alpha"))
+    if args.resolution is not None and args.resolution < 1:
+        raise ValueError(f"--resolution must be a positive number of pixels (got {args.resolution}).")
+    for flag in ("concept", "category", "out", "model"):
+        if getattr(args, flag) is not None:
+            text(f"--{flag}", getattr(args, flag))
+    for p in args.alias + (args.preserve or []):
+        text("--alias/--preserve", p)
     if args.deprecated_alpha is not None:
         print("warning: --alpha is deprecated; it is the LoRA alpha, now spelled --lora-alpha.", file=sys.stderr)
     return terms
 
 
+def find_concept(args, cfgs: C.Configs) -> str:
+    """--concept as the model spells it (any case). On a model that lists its concepts, an unknown one is
+    refused (with the nearest names) unless --force."""
+    concept = (args.concept or "").strip()
+    if not concept:
+        raise ValueError("--concept is missing or blank; name the concept to erase as prompts write it, e.g. "
+                         "--concept \"Van Gogh\" (--list-concepts shows the model's).")
+    known = cfgs.defaults.get("categories", {})
+    if not known or args.force:
+        return next((c for c in known if c.lower() == concept.lower()), concept)
+    if match := next((c for c in known if c.lower() == concept.lower()), None):
+        return match
+    near = difflib.get_close_matches(concept.lower(), [c.lower() for c in known], n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(c) for c in known if c.lower() in near)}? " if near else ""
+    raise ValueError(f"the model does not know the concept {concept!r}; {hint}--list-concepts shows the "
+                     f"{len(known)} it knows; to train it anyway pass --force with --category (a concept the "
+                     f"model cannot draw leaves nothing to erase).")
+
+
+def list_concepts(model) -> str:
+    known = C.read_configs(model).defaults.get("categories", {})
+    if not known:
+        return (f"{model} stores no concept list (a real checkpoint does not); any concept can be erased with "
+                f"--concept NAME --category {{{','.join(sorted(EPS_BY_CATEGORY))}}}.")
+    by = {}
+    for c, k in known.items():
+        by.setdefault(k, []).append(c)
+    return "\n".join(f"{k} ({len(cs)}): {', '.join(cs)}" for k, cs in by.items())
+
+
+def check_model_flags(args, cfgs: C.Configs, concept: str) -> dict:
+    """Flags checked against the model's configs: category, ε, layers, targets, resolution."""
+    category = args.category or cfgs.defaults.get("categories", {}).get(concept)
+    if category is None:
+        raise ValueError(f"no --category given for {concept!r} and the model does not know it; pass "
+                         f"--category with one of {', '.join(sorted(EPS_BY_CATEGORY))}.")
+    targets, n_layers = tuple(args.targets.split(",")), cfgs.transformer.n_layers
+    if not set(targets) <= {"to_q", "to_k", "to_v"}:
+        raise ValueError(f"--targets {args.targets!r}: each must be to_q, to_k or to_v, comma-separated.")
+    try:
+        layers = tuple(range(n_layers)) if args.layers == "all" else tuple(int(i) for i in args.layers.split(","))
+    except ValueError:
+        raise ValueError(f"--layers {args.layers!r} must be all or comma-separated layer numbers, e.g. 0,1,2.") \
+            from None
+    if not layers or not all(0 <= i < n_layers for i in layers) or len(set(layers)) != len(layers):
+        raise ValueError(f"--layers {args.layers!r}: this model's unified layers are 0..{n_layers - 1}, each once.")
+    size, m = args.resolution or cfgs.defaults.get("height", DEFAULT_RESOLUTION), 2 * cfgs.vae.scale_factor
+    if size % m:
+        raise ValueError(f"--resolution {size} must be a multiple of {m} for this model (one DiT patch is {m} "
+                         f"pixels); e.g. {max(m, size // m * m)}.")
+    lora_alpha = args.lora_alpha or args.deprecated_alpha or float(args.rank)
+    return {"category": category, "eps": args.eps if args.eps is not None else EPS_BY_CATEGORY[category],
+            "aliases": args.alias or cfgs.defaults.get("aliases", {}).get(concept, []), "size": size,
+            "spec": Z.LoRASpec(layers=layers, targets=targets, rank=args.rank, lora_alpha=lora_alpha,
+                               gated=not args.no_gate)}
+
+
+def check_prompt_lengths(cfgs: C.Configs, prompts: list[str]) -> None:
+    for p in prompts:
+        if (n := cfgs.tokenizer.n_tokens(p)) > M.MAX_TEXT_TOKENS:
+            raise ValueError(f"the prompt {p[:40]!r}... has {n} tokens with the chat template; the text "
+                             f"encoder reads at most {M.MAX_TEXT_TOKENS}: shorten it.")
+
+
+def check(args, cfgs: C.Configs | None = None) -> Plan:
+    """Everything about a run that can be checked before the weights load, checked; returns the Plan."""
+    terms = check_flags(args)
+    cfgs = cfgs or C.read_configs(args.model)
+    dtype = parse_dtype(args.dtype) if args.dtype else None
+    device = parse_device(args.device)
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    concept = find_concept(args, cfgs)
+    s = check_model_flags(args, cfgs, concept)
+    cer_prompts, cer_tokens = concept_prompts(cfgs.tokenizer, concept, s["aliases"], s["category"], args.variants,
+                                              args.seed)
+    cpr_prompts = preservation_prompts(cfgs.defaults, args.preserve, s["category"], concept,
+                                       [concept] + s["aliases"])
+    check_prompt_lengths(cfgs, cer_prompts + cpr_prompts)
+    out = check_output(args.out or f"loras/{concept.lower().replace(' ', '-')}.safetensors", "--out",
+                       (".safetensors",), extra_names=(f"{concept}.ckpt.safetensors.lock",))
+    settings = {"concept": concept, "category": s["category"], "aliases": s["aliases"], "eps": s["eps"],
+                "eta": args.eta, "lr": args.lr, "beta": args.beta, "steps": args.steps, "mode": args.mode,
+                "losses": sorted(terms), "optim": args.optim, "fixed_lambda": args.fixed_lambda, "seed": args.seed,
+                "pool": args.pool, "pr_batch": args.pr_batch, "gtilde_batch": args.gtilde_batch,
+                "gtilde": args.gtilde, "dtype": str(dtype).removeprefix("torch."), "resolution": s["size"],
+                "gradient_checkpointing": args.gradient_checkpointing, "variants": args.variants,
+                "rank": args.rank, "layers": list(s["spec"].layers), "targets": list(s["spec"].targets),
+                "gate": s["spec"].gated, "preserve": cpr_prompts}
+    check_resume(args, cfgs, out, settings)
+    return Plan(concept, s["category"], s["eps"], s["aliases"], s["spec"], terms, s["size"], dtype, cer_prompts,
+                cer_tokens, cpr_prompts, out, settings)
+
+
+RESUMABLE = {"steps"}  # settings a resumed run may change (train longer)
+
+
+def check_resume(args, cfgs: C.Configs, out: Path, settings: dict) -> None:
+    """--resume needs a checkpoint of this very run (same settings, same base model); without --resume an
+    existing LoRA is not overwritten unless --force."""
+    ckpt = out.with_suffix(".ckpt.safetensors")
+    if not args.resume:
+        if out.exists() and not args.force:
+            raise ValueError(f"{out} exists; pass --force to overwrite it, or --out another file.")
+        return
+    if not ckpt.exists():
+        done = f"{out} is finished and " if out.exists() else ""
+        raise ValueError(f"--resume: {done}there is no checkpoint {ckpt} to resume from; run without --resume to "
+                         f"start fresh.")
+    saved = C.read_training_meta(ckpt)
+    differ = sorted(k for k in set(settings) | set(saved.get("settings", {})) if k not in RESUMABLE
+                    and saved.get("settings", {}).get(k) != settings.get(k))
+    if differ:
+        was, now = saved.get("settings", {}), settings
+        detail = "; ".join(f"{k}: {was.get(k)!r} there, {now.get(k)!r} now" for k in differ[:4])
+        raise ValueError(f"--resume: {ckpt} was trained with other settings ({detail}); resume with the same flags, "
+                         f"or start fresh without --resume.")
+    if saved.get("base_model") != base_of(cfgs):
+        raise ValueError(f"--resume: {ckpt} was trained on another base model than {cfgs.path}; resume with "
+                         f"the model it was trained on.")
+    if saved["step"] >= args.steps:
+        raise ValueError(f"--resume: {ckpt} is at step {saved['step']}, not before --steps {args.steps}; pass a "
+                         f"larger --steps to train on.")
+
+
+def base_of(cfgs: C.Configs) -> str:
+    """The base-model fingerprint of a checkpoint directory, from its stored tensors (no model built)."""
+    stored = C.read_stored(cfgs.path / "transformer", C.FINGERPRINT_TENSORS)
+    return lora_file.base_fingerprint(SimpleNamespace(cfg=cfgs.transformer, stored_values=stored))
+
+
 def prepare(args, zi: C.ZImage | None = None) -> Run:
-    """Check the flags, load θ_0 (unless given), build D_er and D_pr with their frozen references, add
+    """Check every flag, load θ_0 (unless given), build D_er and D_pr with their frozen references, add
     Δθ = 0 (Algorithm 1's input), and resume from the training checkpoint if asked. Each stage is reported
     with its time and kept in run.timings."""
-    terms, timings = check_flags(args), {}
+    cfgs = C.Configs(zi.path, zi.transformer.cfg, zi.vae_cfg, zi.scheduler, zi.tokenizer, zi.defaults) if zi \
+        else None
+    plan, timings = check(args, cfgs), {}
     if zi is None:
         with stage("loading the model", timings, "load"):
-            zi = C.load_zimage(args.model, parse_device(args.device),
-                               parse_dtype(args.dtype) if args.dtype else None, vae=False)
-    s = resolve(args, zi)
-    cer_prompts, cer_tokens = concept_prompts(zi, args.concept, s["aliases"], args.category, args.variants,
-                                              args.seed)
-    cpr_prompts = preservation_prompts(zi, args, [args.concept] + s["aliases"])
-    out = Path(args.out or f"loras/{args.concept.lower().replace(' ', '-')}.safetensors")
-    with stage(f"encoding {len(cer_prompts) + len(cpr_prompts) + 1} prompts", timings, "encode"):
-        feats = zi.encode_prompts(cer_prompts + cpr_prompts + [""])  # every prompt once, then the encoder goes
-    c_er, c_pr, c_null = feats[:len(cer_prompts)], feats[len(cer_prompts):-1], feats[-1]
+            zi = C.load_zimage(args.model, parse_device(args.device), plan.dtype, vae=False)
+    with stage(f"encoding {len(plan.cer_prompts) + len(plan.cpr_prompts) + 1} prompts", timings, "encode"):
+        feats = zi.encode_prompts(plan.cer_prompts + plan.cpr_prompts + [""])  # each once; then the encoder goes
+    n = len(plan.cer_prompts)
+    c_er, c_pr, c_null = feats[:n], feats[n:-1], feats[-1]
     zi.free_text_encoder()
     dit = zi.transformer
     dit.gradient_checkpointing = args.gradient_checkpointing
-    size = args.resolution or zi.defaults.get("height", 1024)
-    with stage(f"trajectory pools and frozen references at {size}x{size}", timings, "pools"):
-        (x, t, v_null), preserve = build_pools(zi, args, c_er, c_pr, c_null, size)
-    params = Z.add_lora(dit, s["spec"], seed=args.seed)
-    kind = "fixed" if args.fixed_lambda is not None or "pr" not in terms else args.mode
-    run = Run(args, dit, s["spec"], ErasePool(x, t, v_null, c_er, cer_tokens), preserve, c_null, params,
-              OPTIMIZERS[args.optim](params, lr=args.lr), s["eps"], terms, kind, settings(args, zi, s, terms), out,
-              out.with_suffix(".ckpt.safetensors"), lam=args.fixed_lambda or 0.0, timings=timings)
+    with stage(f"trajectory pools and frozen references at {plan.size}x{plan.size}", timings, "pools"):
+        (x, t, v_null), preserve = build_pools(zi, args, c_er, c_pr, c_null, plan.size)
+    params = Z.add_lora(dit, plan.spec, seed=args.seed)
+    kind = "fixed" if args.fixed_lambda is not None or "pr" not in plan.terms else args.mode
+    run = Run(args, dit, plan.spec, ErasePool(x, t, v_null, c_er, plan.cer_tokens), preserve, c_null, params,
+              OPTIMIZERS[args.optim](params, lr=args.lr), plan.eps, plan.terms, kind, plan.settings, plan.out,
+              plan.out.with_suffix(".ckpt.safetensors"), lam=args.fixed_lambda or 0.0, timings=timings)
     # as many steps' references per call as fit in about 4,096 tokens (16 on the tiny model, 1 at 1024²)
     tokens = dit.layout([tuple(x.shape[-2:])], [max(len(c) for c in c_er)]).seq_len
     run.ref_chunk = max(1, min(16, 4096 // tokens, args.steps))
     if kind == "implicit":
         jvp = args.gtilde == "jvp" or (args.gtilde == "auto" and zi.dtype != torch.float32)
         run.meter = GTildeMeter(fresh=args.gtilde_batch == "fresh", jvp=jvp)
-    if args.resume and run.ckpt.exists():
+    if args.resume:
         state = C.load_training_state(run.ckpt, {"lora": dit}, {"opt": run.opt}, only=lambda k: "lora_" in k)
         run.lam, run.step = state["lambda"], state["step"]
-        print(f"resumed from {run.ckpt} at step {run.step}")
-    run.log = open_log(out.with_suffix(".jsonl"), run.step if args.resume else 0)
+        print(f"resumed from {run.ckpt} at step {run.step}", file=sys.stderr)
+    run.log = open_log(plan.out.with_suffix(".jsonl"), run.step if args.resume else 0)
     return run
-
-
-def settings(args, zi: C.ZImage, s: dict, terms: set[str]) -> dict:
-    """The run's settings as the LoRA file records them."""
-    return {"concept": args.concept, "category": args.category, "aliases": s["aliases"], "eps": s["eps"],
-            "eta": args.eta, "lr": args.lr, "beta": args.beta, "steps": args.steps, "mode": args.mode,
-            "losses": sorted(terms), "optim": args.optim, "fixed_lambda": args.fixed_lambda, "seed": args.seed, "pool": args.pool,
-            "pr_batch": args.pr_batch, "gtilde_batch": args.gtilde_batch, "gtilde": args.gtilde,
-            "dtype": str(zi.dtype).removeprefix("torch."), "gradient_checkpointing": args.gradient_checkpointing}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -561,8 +706,7 @@ STEPS = {"implicit": implicit_step, "exact": exact_step, "fixed": fixed_step}
 def open_log(path: Path, keep: int):
     """<out>.jsonl, one record per step; on resume the records of the first `keep` steps are kept and those
     past the checkpoint are dropped."""
-    old = path.read_text().splitlines() if keep and path.exists() else []
-    path.parent.mkdir(parents=True, exist_ok=True)
+    old = [line for line in path.read_text().splitlines() if '"step"' in line] if keep and path.exists() else []
     log = open(path, "w")
     log.writelines(line + "\n" for line in old[:keep])
     return log
@@ -570,40 +714,96 @@ def open_log(path: Path, keep: int):
 
 def save_state(run: Run) -> None:
     run.log.flush()
-    C.save_training_state(run.ckpt, {"lora": run.dit}, {"opt": run.opt}, {"step": run.step, "lambda": run.lam},
-                          only=lambda k: "lora_" in k)
+    C.save_training_state(run.ckpt, {"lora": run.dit}, {"opt": run.opt},
+                          {"step": run.step, "lambda": run.lam, "settings": run.meta,
+                           "base_model": lora_file.base_fingerprint(run.dit)}, only=lambda k: "lora_" in k)
+
+
+class Smoothed:
+    """Bias-corrected exponential moving averages of the logged losses, for the progress bar and summary
+    (single steps jump by orders of magnitude: x_t, t and the prompt change every step)."""
+
+    def __init__(self, decay: float = 0.98):
+        self.decay, self.n, self.avg, self.lam = decay, 0, {}, []
+
+    def update(self, rec: dict) -> dict:
+        self.n += 1
+        for k in ("L_erase", "L_attn", "L_pr"):
+            self.avg[k] = self.decay * self.avg.get(k, 0.0) + (1 - self.decay) * rec[k]
+        self.lam.append(rec["lambda"])
+        return {k: v / (1 - self.decay ** self.n) for k, v in self.avg.items()}
+
+
+def train_loop(run: Run) -> Smoothed:
+    """Algorithm 1's loop: one step per iteration, logged, checkpointed every --checkpoint-every steps."""
+    from tqdm import tqdm
+    args, smooth = run.args, Smoothed()
+    with tqdm(total=args.steps, initial=run.step, desc=f"erasing {run.meta['concept']!r}") as bar:
+        while run.step < args.steps:
+            rec = STEPS[run.kind](run, run.step)
+            run.step += 1
+            run.log.write(json.dumps(rec) + "\n")
+            s = smooth.update(rec)
+            bar.set_postfix(L_erase=f"{s['L_erase']:.4f}", L_attn=f"{s['L_attn']:.3f}", L_pr=f"{s['L_pr']:.2e}",
+                            lam=f"{run.lam:.3f}")
+            bar.update()
+            if run.step % args.checkpoint_every == 0 or run.step == args.steps:
+                save_state(run)
+    return smooth
+
+
+def finish(run: Run, smooth: Smoothed, seconds: float) -> None:
+    """Write the LoRA (its bytes depend only on the run: timings go to the log), drop the training
+    checkpoint unless kept, print a summary."""
+    lora_file.save_lora(run.out, run.dit, run.spec, base=lora_file.base_fingerprint(run.dit), settings=run.meta)
+    run.log.write(json.dumps({"finished": run.step, "seconds": round(seconds, 1), **run.timings}) + "\n")
+    run.log.close()
+    if not run.args.keep_checkpoint:
+        run.ckpt.unlink(missing_ok=True)
+    s = {k: v / (1 - smooth.decay ** smooth.n) for k, v in smooth.avg.items()} if smooth.n else {}
+    lam = f"λ from {min(smooth.lam):.3g} to {max(smooth.lam):.3g}, final {run.lam:.3g}" if smooth.lam else ""
+    print(f"finished {run.step} steps in {seconds:.0f} s; smoothed L_erase {s.get('L_erase', 0):.4f}, L_attn "
+          f"{s.get('L_attn', 0):.4f}, L_pr {s.get('L_pr', 0):.2e}; {lam}", file=sys.stderr)
+    print(f"wrote {run.out} ({sum(p.numel() for p in run.params):,} parameters; log {run.log.name})")
+
+
+def stopped(run: Run, why: str, code: int):
+    """End an unfinished run: the log keeps only the checkpointed steps (resume drops the rest anyway)."""
+    run.log.close()
+    log = Path(run.log.name)
+    try:
+        saved = C.read_training_meta(run.ckpt)["step"] if run.ckpt.exists() else 0
+        lines = [line for line in log.read_text().splitlines() if '"step"' in line][:saved]
+        log.write_text("".join(line + "\n" for line in lines)) if lines else log.unlink(missing_ok=True)
+    except OSError:
+        log.unlink(missing_ok=True)
+    last = f"the last checkpoint is {run.ckpt} (resume with the same command and --resume)" if run.ckpt.exists() \
+        else "no checkpoint was written yet"
+    die(f"{why}; {last}.", code=code)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        run = prepare(args)
-    except (CheckpointError, ValueError) as e:
-        die(str(e))
-    from tqdm import tqdm
-    bar = tqdm(total=args.steps, initial=run.step, desc=f"erasing {args.concept!r}")
-    t_start = time.time()
-    with run.log:  # closed (flushed) however the loop ends; resume drops records past the checkpoint
-        while run.step < args.steps:
+        if args.list_concepts:
+            print(list_concepts(args.model))
+            return None
+        out = check(args).out  # every flag, before anything slow (prepare checks again: cheap)
+        with exclusive(out, "train.py"):
+            run = prepare(args)
+            t0 = time.time()
             try:
-                rec = STEPS[run.kind](run, run.step)
+                smooth = train_loop(run)
             except NonFiniteLoss as e:
-                bar.close()
-                last = f"the last good checkpoint is {run.ckpt} (--resume)" if run.ckpt.exists() else \
-                    "no checkpoint yet"
-                die(f"the loss became NaN/inf at step {e.args[0]}; {last}; lower --lr / --eta.", code=3)
-            run.step += 1
-            run.log.write(json.dumps(rec) + "\n")
-            bar.set_postfix(L_er=f"{rec['L_erase'] + rec['L_attn']:.4f}", L_attn=f"{rec['L_attn']:.3f}",
-                            L_pr=f"{rec['L_pr']:.2e}", lam=f"{run.lam:.3f}")
-            bar.update()
-            if run.step % args.checkpoint_every == 0 or run.step == args.steps:
-                save_state(run)
-    bar.close()
-    meta = {**run.meta, "train_seconds": round(time.time() - t_start, 1)}
-    lora_file.save_lora(run.out, run.dit, run.spec, base=lora_file.base_fingerprint(run.dit), settings=meta)
-    print(f"wrote {run.out} ({sum(p.numel() for p in run.params):,} parameters; log {run.log.name})")
-    return run.out
+                stopped(run, f"the loss became NaN/inf at step {e.args[0]}; lower --lr or --eta", code=3)
+            except KeyboardInterrupt:
+                stopped(run, f"interrupted at step {run.step}", code=130)
+            except OSError as e:
+                stopped(run, f"could not write the log or checkpoint next to {run.out} ({e.strerror or e})", code=1)
+            finish(run, smooth, time.time() - t0)
+            return run.out
+    except (CheckpointError, ValueError, OutputError) as e:
+        die(str(e))
 
 
 if __name__ == "__main__":

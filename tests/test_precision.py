@@ -3,7 +3,6 @@ fingerprint that does not depend on the load dtype, and a preservation set that 
 """
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,7 +27,7 @@ def small_args(ckpt, out, *extra) -> list[str]:
 
 
 def records(out) -> list[dict]:
-    return [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    return [r for r in map(json.loads, out.with_suffix(".jsonl").read_text().splitlines()) if "step" in r]
 
 
 def test_bf16_training_on_the_tiny_model_runs_with_fp32_pools(bf16_cpu, tmp_path):
@@ -79,13 +78,10 @@ def test_the_fingerprint_names_the_checkpoint_not_the_load_dtype(random_ckpt_bf1
 def test_the_generic_preservation_list_leaves_out_prompts_that_name_the_concept():
     """Erasing "cat" (or its alias "kitty") drops "a cat on a sofa" from the generic D_pr, whole words only
     and in any case; the stored per-category list is filtered the same way."""
-    zi = SimpleNamespace(defaults={})
-    got = train.preservation_prompts(zi, SimpleNamespace(preserve=None, category="entity", concept="Cat"),
-                                     ["Cat", "kitty"])
+    got = train.preservation_prompts({}, None, "entity", "Cat", ["Cat", "kitty"])
     assert got == [p for p in train.GENERIC_PRESERVE if p != "a cat on a sofa"]
-    zi = SimpleNamespace(defaults={"preserve": {"abstraction": ["a red star", "a star coloured cyan", "RED moon"]}})
-    got = train.preservation_prompts(zi, SimpleNamespace(preserve=None, category="abstraction", concept="red"),
-                                     ["red"])
+    stored = {"preserve": {"abstraction": ["a red star", "a star coloured cyan", "RED moon"]}}
+    got = train.preservation_prompts(stored, None, "abstraction", "red", ["red"])
     assert got == ["a star coloured cyan"]  # "coloured" contains "red" but is another word
 
 
@@ -98,10 +94,9 @@ def test_a_preservation_set_that_only_names_the_concept_is_one_clear_error(rando
         assert e.value.code not in (0, None)
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(err) == 1 and "preserv" in err[0] and "circle" in err[0].lower(), err
-    zi = SimpleNamespace(defaults={"preserve": {"entity": ["a circle", "two Circle shapes"]}})
+    stored = {"preserve": {"entity": ["a circle", "two Circle shapes"]}}
     with pytest.raises(ValueError, match="none is left"):
-        train.preservation_prompts(zi, SimpleNamespace(preserve=None, category="entity", concept="circle"),
-                                   ["circle"])
+        train.preservation_prompts(stored, None, "entity", "circle", ["circle"])
     assert not list(tmp_path.iterdir())
 
 
