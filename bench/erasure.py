@@ -46,6 +46,9 @@ def parse_args():
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--json")
+    p.add_argument("--cache", default=str(E.DEFAULT_CACHE), help="folder of cached base-model images, "
+                   "shared with evaluate.py, so every run (and process) scores against the same base images")
+    p.add_argument("--no-cache", action="store_true", help="keep base images in memory for this run only")
     p.add_argument("--runs", help="comma-separated subset of the run names: " + ",".join(
         [r[0] for r in RUNS] + [m[0] for m in MERGES]) + " (a merge uses the LoRAs in --out)")
     p.add_argument("--train-args", default="", help="extra train.py flags for every run (experiments), "
@@ -58,15 +61,36 @@ def parse_args():
         for name, parts in MERGES:
             if name in args.wanted and (missing := [n for n in parts if n not in args.wanted
                                                     and not (Path(args.out) / f"{n}.safetensors").exists()]):
-                p.error(f"{name} averages {' and '.join(parts)}, but {Path(args.out) / missing[0]}.safetensors "
-                        f"does not exist; add {missing[0]} to --runs.")
+                lora = Path(args.out) / f"{missing[0]}.safetensors"
+                p.error(f"{name} averages {' and '.join(parts)}, but {lora} does not exist; add {missing[0]} "
+                        f"to --runs.")
     return args
+
+
+def print_tables(rows: list[dict]) -> None:
+    """The summary table, Acc_ir per concept, and every measure of each run (evaluate.format_report)."""
+    print(f"\n{'run':<48} {'train s':>7} {'Acc_e base->erased':>19} {'Acc_ir base->erased':>20} {'H_a':>6} "
+          f"{'FD':>7}  erased Acc_e (alias/misspelling/held-out/paraphrase)")
+    for r in rows:
+        rob = "/".join(f"{v['erased']:.2f}" for v in r["Acc_e_variants"].values())
+        secs = f"{r['train_seconds']:.0f}" if r["train_seconds"] else "-"
+        print(f"{r['run']:<48} {secs:>7} {r['Acc_e']['base']:>9.3f} -> {r['Acc_e']['erased']:.3f} "
+              f"{r['Acc_ir']['base']:>10.3f} -> {r['Acc_ir']['erased']:.3f} {r['H_a']:>6.3f} "
+              f"{r['FD']:>7.2f}  {rob}")
+    print("\nAcc_ir per other concept of the category, base -> erased:")
+    for r in rows:
+        print(f"  {r['run']}: " + ", ".join(f"{c} {v['base']:.2f}->{v['erased']:.2f}"
+                                           for c, v in r["Acc_ir_by_concept"].items()))
+    print("\nEvery measure, per run:")
+    for r in rows:
+        print(f"[{r['run']}]\n" + E.format_report(r))
 
 
 def main():
     args = parse_args()
     wanted, out, seeds = args.wanted, Path(args.out), list(range(args.seeds))
     base, clf = C.load_zimage(E.DEFAULT_MODEL), load_classifier()
+    cache = E.ImageCache(None if args.no_cache else args.cache)  # each base image is drawn once
     rows, files = [], {}
     for name, concept, extra in RUNS:
         files[name] = out / f"{name}.safetensors"
@@ -76,7 +100,7 @@ def main():
         secs = train(concept, extra, files[name])
         erased = C.load_zimage(E.DEFAULT_MODEL)
         lora_file.apply_loras(erased.transformer, [files[name]])
-        r = E.erasure_report(base, erased, clf, concept, args.prompts, seeds)
+        r = E.erasure_report(base, erased, clf, concept, args.prompts, seeds, cache=cache)
         r.update(run=" ".join([concept] + extra), train_seconds=round(secs, 1))
         rows.append(r)
         print(json.dumps(r), flush=True)
@@ -87,21 +111,11 @@ def main():
         merged = C.load_zimage(E.DEFAULT_MODEL)
         lora_file.apply_loras(merged.transformer, [files[n] for n in parts])  # w_i = 1/N (Eq. 63)
         for n in parts:
-            r = E.erasure_report(base, merged, clf, concept_of[n], args.prompts, seeds)
+            r = E.erasure_report(base, merged, clf, concept_of[n], args.prompts, seeds, cache=cache)
             r.update(run=f"{concept_of[n]} ({name}: {' + '.join(parts)})", train_seconds=None)
             rows.append(r)
             print(json.dumps(r), flush=True)
-    print(f"\n{'run':<48} {'train s':>7} {'Acc_e base->erased':>19} {'Acc_ir base->erased':>20} {'H_a':>6} "
-          f"{'FD':>7}  robustness Acc_e (alias/misspelling/held-out/templates)")
-    for r in rows:
-        rob = "/".join(f"{v:.2f}" for v in r["robustness_Acc_e"].values())
-        secs = f"{r['train_seconds']:.0f}" if r["train_seconds"] else "-"
-        print(f"{r['run']:<48} {secs:>7} {r['Acc_e']['base']:>9.3f} -> {r['Acc_e']['erased']:.3f} "
-              f"{r['Acc_ir']['base']:>10.3f} -> {r['Acc_ir']['erased']:.3f} {r['H_a']:>6.3f} {r['FD']:>7.2f}  {rob}")
-    print("\nAcc_ir per other concept of the category, base -> erased:")
-    for r in rows:
-        print(f"  {r['run']}: " + ", ".join(f"{c} {v['base']:.2f}->{v['erased']:.2f}"
-                                           for c, v in r["Acc_ir_by_concept"].items()))
+    print_tables(rows)
     if args.json:
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2)))
 
