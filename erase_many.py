@@ -160,7 +160,7 @@ def check_train_flags(flags: list[str]) -> None:
 
 def train_argv(p: Plan, concept: str, file: Path, device: str) -> list[str]:
     """train.py's command line for one concept: the flags after `--`, then the ones erase_many sets."""
-    resume = []
+    resume = ["--resume"] if checkpoint_of(file).exists() else []  # an interrupted run continues
     return [*p.train_flags, "--concept", concept, "--model", p.model, "--out", str(file), "--device", device,
             *resume]
 
