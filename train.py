@@ -57,22 +57,35 @@ OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}  # default hyp
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    for add in (add_task_flags, add_algorithm_flags, add_lora_flags, add_sample_flags, add_run_flags):
+        add(p)  # in this order in --help
+    return p.parse_args(argv)
+
+
+def add_task_flags(p: argparse.ArgumentParser) -> None:
+    """What to erase, what to preserve, from which model, into which file."""
     p.add_argument("--concept", help="the concept to erase, as prompts write it (any case); required")
-    p.add_argument("--list-concepts", action="store_true", help="print the concepts the model knows and exit")
+    p.add_argument("--list-concepts", action="store_true",
+                   help="print the concepts the model knows and exit")
     p.add_argument("--category", choices=sorted(EPS_BY_CATEGORY), help="sets ε (Table 6) and the prompt "
                    "template (Table 7); default: from the model's zerase.json")
     p.add_argument("--force", action="store_true", help="train a concept the model does not list, and "
                    "overwrite an existing --out")
-    p.add_argument("--alias", action="append", default=[], help="another spelling of the concept (repeatable)")
-    p.add_argument("--preserve", action="append", help="a preservation prompt c_pr (repeatable); default: the "
-                   "model's own list (zerase.json), else a generic list")
+    p.add_argument("--alias", action="append", default=[],
+                   help="another spelling of the concept (repeatable)")
+    p.add_argument("--preserve", action="append", help="a preservation prompt c_pr (repeatable); default: "
+                   "the model's own list (zerase.json), else a generic list")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="Z-Image checkpoint directory (HF layout)")
     p.add_argument("--out", help="LoRA file, .safetensors (default: loras/<concept>.safetensors)")
+
+
+def add_algorithm_flags(p: argparse.ArgumentParser) -> None:
+    """Algorithm 1's hyper-parameters, the exact mode and the baselines."""
     p.add_argument("--steps", type=int, default=1000, help="training steps M (Algorithm 1)")
     p.add_argument("--lr", type=float, default=1e-3, help="α, the learning rate")
-    p.add_argument("--optim", choices=["adamw", "sgd"], default="adamw", help="adamw (the paper's optimiser) or "
-                   "sgd: the plain step θ ← θ − α·d the derivations assume (with --mode exact, each step then "
-                   "keeps the first-order rise of L_pr within αε, Eq. 9)")
+    p.add_argument("--optim", choices=["adamw", "sgd"], default="adamw", help="adamw (the paper's optimiser) "
+                   "or sgd: the plain step θ ← θ − α·d the derivations assume (with --mode exact, each step "
+                   "then keeps the first-order rise of L_pr within αε, Eq. 9)")
     p.add_argument("--beta", type=float, default=0.1, help="β, step size of the λ update (Eq. 15)")
     p.add_argument("--eta", type=float, default=2.0, help="η, negative guidance of the erase target (Eq. 5)")
     p.add_argument("--eps", type=float, help="ε, preservation tolerance per step, in units of α; default by "
@@ -82,13 +95,22 @@ def parse_args(argv=None):
     p.add_argument("--fixed-lambda", type=float, help="baseline: static scalarisation L_er + X·L_pr")
     p.add_argument("--no-gate", action="store_true", help="baseline: naive LoRA on image and text tokens")
     p.add_argument("--losses", default="erase,attn,pr", help="subset of erase,attn,pr (Table 5 ablation)")
+
+
+def add_lora_flags(p: argparse.ArgumentParser) -> None:
+    """Δθ: the LoRA's rank, scale and the projections it adapts."""
     p.add_argument("--rank", type=int, default=4, help="LoRA rank r")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (scale = lora_alpha/rank); default = rank")
-    p.add_argument("--alpha", type=float, dest="deprecated_alpha", help=argparse.SUPPRESS)  # old --lora-alpha
+    # --alpha: the old spelling of --lora-alpha, kept working but hidden from --help
+    p.add_argument("--alpha", type=float, dest="deprecated_alpha", help=argparse.SUPPRESS)
     p.add_argument("--targets", default="to_q,to_k,to_v", help="projections of the unified layers to adapt")
     p.add_argument("--layers", default="all", help="unified layers to adapt: all, or e.g. 0,1,2")
-    p.add_argument("--resolution", type=int, help="training image size in pixels (default: the model's own, "
-                   f"else {DEFAULT_RESOLUTION}, as the official release trains; see README)")
+
+
+def add_sample_flags(p: argparse.ArgumentParser) -> None:
+    """D_er and D_pr: the trajectory pools, the prompts, and the samples g̃ is measured on."""
+    p.add_argument("--resolution", type=int, help="training image size in pixels (default: the model's "
+                   f"own, else {DEFAULT_RESOLUTION}, as the official release trains; see README)")
     p.add_argument("--pool", type=int, default=32, help="frozen-model trajectories to draw x_t from")
     p.add_argument("--variants", type=int, default=32, help="word-shuffled concept prompts, encoded once")
     p.add_argument("--gtilde-batch", choices=["train", "fresh"], default="fresh",
@@ -96,13 +118,18 @@ def parse_args(argv=None):
                    "preservation samples the update did not see, or the training batch itself "
                    "(Algorithm 1 read literally; it lets λ decay to ~0, see README)")
     p.add_argument("--gtilde", choices=["auto", "difference", "jvp"], default="auto",
-                   help="how the change of L_pr over a step is measured for g̃ (Eq. 15): difference = L_pr after "
-                   "minus before (Eq. 15 as written); jvp = the same change as a directional derivative "
-                   "∇L_pr·Δθ at the step's midpoint (forward-mode AD), which bf16 rounding cannot drown; "
-                   "auto: difference in float32, jvp in bfloat16/float16")
-    p.add_argument("--pr-batch", type=int, default=2, help="preservation samples (x_pr, c_pr) per step: the "
-                   "Monte-Carlo size of Eq. 8's expectation, and of the L_pr measured for g̃ (Eq. 15)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the pools' noise, the LoRA init and every draw")
+                   help="how the change of L_pr over a step is measured for g̃ (Eq. 15): difference = L_pr "
+                   "after minus before (Eq. 15 as written); jvp = the same change as a directional "
+                   "derivative ∇L_pr·Δθ at the step's midpoint (forward-mode AD), which bf16 rounding cannot "
+                   "drown; auto: difference in float32, jvp in bfloat16/float16")
+    p.add_argument("--pr-batch", type=int, default=2, help="preservation samples (x_pr, c_pr) per step: "
+                   "the Monte-Carlo size of Eq. 8's expectation, and of the L_pr measured for g̃ (Eq. 15)")
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Seeding, resuming, checkpoints and the device."""
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the pools' noise, the LoRA init and every draw")
     p.add_argument("--resume", action="store_true", help="continue from <out>.ckpt.safetensors (same flags)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between training checkpoints")
     p.add_argument("--keep-checkpoint", action="store_true", help="keep <out>.ckpt.safetensors after a "
@@ -111,14 +138,14 @@ def parse_args(argv=None):
     p.add_argument("--dtype", help="float32 (CPU default) or bfloat16 (GPU default)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward "
                    "(memory for the real model at 1024²)")
-    return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Algorithm 1's inputs: D_er and D_pr as prompts, trajectory pools and frozen references
 
 
-def concept_prompts(tokenizer: M.Tokenizer, concept: str, aliases: list[str], category: str, n: int, seed: int):
+def concept_prompts(tokenizer: M.Tokenizer, concept: str, aliases: list[str], category: str, n: int,
+                    seed: int):
     """n erase prompts c_er (the Table 7 template, then word-shuffled variants) and, for each, the indices
     of the concept's tokens in its templated caption, located again after every shuffle (§4.1)."""
     names = [concept] + aliases
@@ -144,8 +171,8 @@ def preservation_prompts(defaults: dict, preserve: list[str] | None, category: s
     out, since preserving them would hold the model where the erasure must move it."""
     if preserve:
         if named := [p for p in preserve if Z.find_phrases(p, names)]:
-            raise ValueError(f"--preserve {named[0]!r} names the concept being erased; preservation prompts must "
-                             f"not contain {concept!r} or its aliases.")
+            raise ValueError(f"--preserve {named[0]!r} names the concept being erased; preservation prompts "
+                             f"must not contain {concept!r} or its aliases.")
         return preserve
     stored = defaults.get("preserve", {}).get(category, []) or GENERIC_PRESERVE
     kept = [p for p in stored if not Z.find_phrases(p, names)]
@@ -162,14 +189,14 @@ def trajectory_pool(zi: C.ZImage, conds: list[Tensor], c_null: Tensor, seed: int
     every state x_{σ_k} it visits (k = 0..steps-1). Returns states (steps*n, C, h, w), their σ (steps*n,),
     the prompt index of each state (its trajectory i), and the frozen model's outputs the sampler computed
     at each state: v_θ(x, c_i), and v_θ(x, ∅) when it sampled with CFG (else None)."""
-    n = len(conds)
+    n, dit = len(conds), zi.transformer
     sig = turbo_sigmas(steps, zi.scheduler.shift)
-    x = initial_noise(n, zi.transformer.cfg.in_channels, height, width, zi.vae_scale_factor, seed).to(zi.device)
+    x = initial_noise(n, dit.cfg.in_channels, height, width, zi.vae_scale_factor, seed).to(zi.device)
     xs, sigmas, outputs = [], [], []
     for k in range(steps):
         xs.append(x.clone())
         sigmas.append(torch.full((n,), sig[k].item()))
-        x = denoise(zi.transformer, x, conds, sig[k:k + 2], [c_null] * n, guidance, record=outputs)  # one step
+        x = denoise(dit, x, conds, sig[k:k + 2], [c_null] * n, guidance, record=outputs)  # one step
     v_cond = torch.cat([pos for pos, _ in outputs])
     v_null = torch.cat([neg for _, neg in outputs]) if outputs[0][1] is not None else None
     return torch.cat(xs), torch.cat(sigmas), torch.arange(n).repeat(steps), v_cond, v_null
@@ -230,11 +257,13 @@ def build_pools(zi: C.ZImage, args, c_er: list[Tensor], c_pr: list[Tensor], c_nu
     references are the outputs the sampler already computed at those states (v_θ(x, ∅) too when it sampled
     with CFG); only those it did not compute are computed again."""
     dit, steps, guidance = zi.transformer, zi.defaults.get("steps", 8), zi.defaults.get("guidance", 0.0)
-    x_t, sigma_t, _, _, v_null = trajectory_pool(zi, [c_er[0]] * args.pool, c_null, args.seed, size, size, steps,
-                                                 guidance)
+
+    def pool(conds: list[Tensor], seed: int):
+        return trajectory_pool(zi, conds, c_null, seed, size, size, steps, guidance)
+
+    x_t, sigma_t, _, _, v_null = pool([c_er[0]] * args.pool, args.seed)
     conds = [c_pr[i % len(c_pr)] for i in range(max(args.pool, len(c_pr)))]  # a prompt per trajectory
-    x_pr, sigma_pr, idx, v_pr, v_pr_null = trajectory_pool(zi, conds, c_null, args.seed + 1, size, size, steps,
-                                                           guidance)  # v_pr = v_θ(x_pr, c_pr)
+    x_pr, sigma_pr, idx, v_pr, v_pr_null = pool(conds, args.seed + 1)  # v_pr = v_θ(x_pr, c_pr)
     if v_null is None:  # sampled without CFG: the unconditional outputs are still to be computed
         v_null = frozen_velocities(dit, x_t, sigma_t, [c_null] * len(x_t))  # v_θ(x_t, ∅)
         v_pr_null = frozen_velocities(dit, x_pr, sigma_pr, [c_null] * len(x_pr))  # v_θ(x_pr, ∅)
@@ -301,11 +330,10 @@ def check_flags(args) -> set[str]:
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)}).")
     number("--lr", args.lr, low=0, strict=True)
-    for flag, low in (("beta", 0), ("eta", 0), ("eps", 0), ("fixed_lambda", 0), ("lora_alpha", 0),
-                      ("deprecated_alpha", 0)):
-        if getattr(args, flag) is not None:
-            number(f"--{flag.replace('_', '-')}" if flag != "deprecated_alpha" else "--alpha", getattr(args, flag),
-                   low=low, strict=flag.endswith("alpha"))
+    for flag in ("beta", "eta", "eps", "fixed_lambda", "lora_alpha", "deprecated_alpha"):
+        if (value := getattr(args, flag)) is not None:
+            name = "--alpha" if flag == "deprecated_alpha" else f"--{flag.replace('_', '-')}"
+            number(name, value, low=0, strict=flag.endswith("alpha"))
     if args.resolution is not None and args.resolution < 1:
         raise ValueError(f"--resolution must be a positive number of pixels (got {args.resolution}).")
     for flag in ("concept", "category", "out", "model"):
@@ -314,7 +342,8 @@ def check_flags(args) -> set[str]:
     for p in args.alias + (args.preserve or []):
         text("--alias/--preserve", p)
     if args.deprecated_alpha is not None:
-        print("warning: --alpha is deprecated; it is the LoRA alpha, now spelled --lora-alpha.", file=sys.stderr)
+        print("warning: --alpha is deprecated; it is the LoRA alpha, now spelled --lora-alpha.",
+              file=sys.stderr)
     return terms
 
 
@@ -340,8 +369,8 @@ def find_concept(args, cfgs: C.Configs) -> str:
 def list_concepts(model) -> str:
     known = C.read_configs(model).defaults.get("categories", {})
     if not known:
-        return (f"{model} stores no concept list (a real checkpoint does not); any concept can be erased with "
-                f"--concept NAME --category {{{','.join(sorted(EPS_BY_CATEGORY))}}}.")
+        return (f"{model} stores no concept list (a real checkpoint does not); any concept can be erased "
+                f"with --concept NAME --category {{{','.join(sorted(EPS_BY_CATEGORY))}}}.")
     by = {}
     for c, k in known.items():
         by.setdefault(k, []).append(c)
@@ -357,22 +386,29 @@ def check_model_flags(args, cfgs: C.Configs, concept: str) -> dict:
     targets, n_layers = tuple(args.targets.split(",")), cfgs.transformer.n_layers
     if not set(targets) <= {"to_q", "to_k", "to_v"}:
         raise ValueError(f"--targets {args.targets!r}: each must be to_q, to_k or to_v, comma-separated.")
-    try:
-        layers = tuple(range(n_layers)) if args.layers == "all" else tuple(int(i) for i in args.layers.split(","))
-    except ValueError:
-        raise ValueError(f"--layers {args.layers!r} must be all or comma-separated layer numbers, e.g. 0,1,2.") \
-            from None
-    if not layers or not all(0 <= i < n_layers for i in layers) or len(set(layers)) != len(layers):
-        raise ValueError(f"--layers {args.layers!r}: this model's unified layers are 0..{n_layers - 1}, each once.")
+    layers = parse_layers(args.layers, n_layers)
     size, m = args.resolution or cfgs.defaults.get("height", DEFAULT_RESOLUTION), 2 * cfgs.vae.scale_factor
     if size % m:
-        raise ValueError(f"--resolution {size} must be a multiple of {m} for this model (one DiT patch is {m} "
-                         f"pixels); e.g. {max(m, size // m * m)}.")
+        raise ValueError(f"--resolution {size} must be a multiple of {m} for this model (one DiT patch is "
+                         f"{m} pixels); e.g. {max(m, size // m * m)}.")
     lora_alpha = args.lora_alpha or args.deprecated_alpha or float(args.rank)
     return {"category": category, "eps": args.eps if args.eps is not None else EPS_BY_CATEGORY[category],
             "aliases": args.alias or cfgs.defaults.get("aliases", {}).get(concept, []), "size": size,
             "spec": Z.LoRASpec(layers=layers, targets=targets, rank=args.rank, lora_alpha=lora_alpha,
                                gated=not args.no_gate)}
+
+
+def parse_layers(layers: str, n_layers: int) -> tuple[int, ...]:
+    """--layers: "all", or distinct unified-layer numbers in 0..n_layers-1."""
+    try:
+        chosen = tuple(range(n_layers)) if layers == "all" else tuple(int(i) for i in layers.split(","))
+    except ValueError:
+        raise ValueError(f"--layers {layers!r} must be all or comma-separated layer numbers, e.g. "
+                         f"0,1,2.") from None
+    if not chosen or not all(0 <= i < n_layers for i in chosen) or len(set(chosen)) != len(chosen):
+        raise ValueError(f"--layers {layers!r}: this model's unified layers are 0..{n_layers - 1}, "
+                         f"each once.")
+    return chosen
 
 
 def check_prompt_lengths(cfgs: C.Configs, prompts: list[str]) -> None:
@@ -391,8 +427,8 @@ def check(args, cfgs: C.Configs | None = None) -> Plan:
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
     concept = find_concept(args, cfgs)
     s = check_model_flags(args, cfgs, concept)
-    cer_prompts, cer_tokens = concept_prompts(cfgs.tokenizer, concept, s["aliases"], s["category"], args.variants,
-                                              args.seed)
+    cer_prompts, cer_tokens = concept_prompts(cfgs.tokenizer, concept, s["aliases"], s["category"],
+                                              args.variants, args.seed)
     cpr_prompts = preservation_prompts(cfgs.defaults, args.preserve, s["category"], concept,
                                        [concept] + s["aliases"])
     check_prompt_lengths(cfgs, cer_prompts + cpr_prompts)
@@ -400,15 +436,16 @@ def check(args, cfgs: C.Configs | None = None) -> Plan:
                        (".safetensors",), extra_names=(f"{concept}.ckpt.safetensors.lock",))
     settings = {"concept": concept, "category": s["category"], "aliases": s["aliases"], "eps": s["eps"],
                 "eta": args.eta, "lr": args.lr, "beta": args.beta, "steps": args.steps, "mode": args.mode,
-                "losses": sorted(terms), "optim": args.optim, "fixed_lambda": args.fixed_lambda, "seed": args.seed,
-                "pool": args.pool, "pr_batch": args.pr_batch, "gtilde_batch": args.gtilde_batch,
-                "gtilde": args.gtilde, "dtype": str(dtype).removeprefix("torch."), "resolution": s["size"],
+                "losses": sorted(terms), "optim": args.optim, "fixed_lambda": args.fixed_lambda,
+                "seed": args.seed, "pool": args.pool, "pr_batch": args.pr_batch,
+                "gtilde_batch": args.gtilde_batch, "gtilde": args.gtilde,
+                "dtype": str(dtype).removeprefix("torch."), "resolution": s["size"],
                 "gradient_checkpointing": args.gradient_checkpointing, "variants": args.variants,
                 "rank": args.rank, "layers": list(s["spec"].layers), "targets": list(s["spec"].targets),
                 "gate": s["spec"].gated, "preserve": cpr_prompts}
     check_resume(args, cfgs, out, settings)
-    return Plan(concept, s["category"], s["eps"], s["aliases"], s["spec"], terms, s["size"], dtype, cer_prompts,
-                cer_tokens, cpr_prompts, out, settings)
+    return Plan(concept, s["category"], s["eps"], s["aliases"], s["spec"], terms, s["size"], dtype,
+                cer_prompts, cer_tokens, cpr_prompts, out, settings)
 
 
 RESUMABLE = {"steps"}  # settings a resumed run may change (train longer)
@@ -424,22 +461,22 @@ def check_resume(args, cfgs: C.Configs, out: Path, settings: dict) -> None:
         return
     if not ckpt.exists():
         done = f"{out} is finished and " if out.exists() else ""
-        raise ValueError(f"--resume: {done}there is no checkpoint {ckpt} to resume from; run without --resume to "
-                         f"start fresh.")
+        raise ValueError(f"--resume: {done}there is no checkpoint {ckpt} to resume from; run without "
+                         f"--resume to start fresh.")
     saved = C.read_training_meta(ckpt)
     differ = sorted(k for k in set(settings) | set(saved.get("settings", {})) if k not in RESUMABLE
                     and saved.get("settings", {}).get(k) != settings.get(k))
     if differ:
         was, now = saved.get("settings", {}), settings
         detail = "; ".join(f"{k}: {was.get(k)!r} there, {now.get(k)!r} now" for k in differ[:4])
-        raise ValueError(f"--resume: {ckpt} was trained with other settings ({detail}); resume with the same flags, "
-                         f"or start fresh without --resume.")
+        raise ValueError(f"--resume: {ckpt} was trained with other settings ({detail}); resume with the "
+                         f"same flags, or start fresh without --resume.")
     if saved.get("base_model") != base_of(cfgs):
         raise ValueError(f"--resume: {ckpt} was trained on another base model than {cfgs.path}; resume with "
                          f"the model it was trained on.")
     if saved["step"] >= args.steps:
-        raise ValueError(f"--resume: {ckpt} is at step {saved['step']}, not before --steps {args.steps}; pass a "
-                         f"larger --steps to train on.")
+        raise ValueError(f"--resume: {ckpt} is at step {saved['step']}, not before --steps {args.steps}; "
+                         f"pass a larger --steps to train on.")
 
 
 def base_of(cfgs: C.Configs) -> str:
@@ -459,7 +496,7 @@ def prepare(args, zi: C.ZImage | None = None) -> Run:
         with stage("loading the model", timings, "load"):
             zi = C.load_zimage(args.model, parse_device(args.device), plan.dtype, vae=False)
     with stage(f"encoding {len(plan.cer_prompts) + len(plan.cpr_prompts) + 1} prompts", timings, "encode"):
-        feats = zi.encode_prompts(plan.cer_prompts + plan.cpr_prompts + [""])  # each once; then the encoder goes
+        feats = zi.encode_prompts(plan.cer_prompts + plan.cpr_prompts + [""])  # each once, then freed
     n = len(plan.cer_prompts)
     c_er, c_pr, c_null = feats[:n], feats[n:-1], feats[-1]
     zi.free_text_encoder()
@@ -555,7 +592,8 @@ def losses(run: Run, er: EraseSample, pr: PreserveBatch, probed: ExitStack) -> t
     probed.enter_context(Z.attention_probe(dit, run.spec.layers if "attn" in run.terms else (), probe))
     v = dit(x, t, caps)
     zero = v.new_zeros(()).float()
-    L_erase = Z.erase_loss(v[0], Z.erase_target(er.v_null, er.v_c, run.args.eta)) if "erase" in run.terms else zero
+    L_erase = (Z.erase_loss(v[0], Z.erase_target(er.v_null, er.v_c, run.args.eta))  # Eq. 5
+               if "erase" in run.terms else zero)
     L_attn = probe.loss() if "attn" in run.terms else zero  # Eq. 6
     return L_erase, L_attn, pr_loss(v[1:], pr)
 
@@ -671,7 +709,8 @@ def exact_step(run: Run, step: int) -> dict:
     L_erase, L_attn, L_pr = losses(run, er, pr, probed)
     record(step, L_erase, L_attn, L_pr, run.lam)  # the finiteness check, before any gradient
     run.opt.zero_grad(set_to_none=True)
-    g_er = torch.autograd.grad(L_erase + L_attn, run.params, retain_graph=True, materialize_grads=True)  # ∇L_er
+    L_er = L_erase + L_attn
+    g_er = torch.autograd.grad(L_er, run.params, retain_graph=True, materialize_grads=True)  # ∇L_er
     g_pr = torch.autograd.grad(L_pr, run.params, materialize_grads=True)  # ∇L_pr, the second backward
     d, lam_star = Z.d_star_per_param(g_er, g_pr, run.eps)  # Eqs. 11-12
     for p, d_p in zip(run.params, d):
@@ -706,10 +745,15 @@ STEPS = {"implicit": implicit_step, "exact": exact_step, "fixed": fixed_step}
 def open_log(path: Path, keep: int):
     """<out>.jsonl, one record per step; on resume the records of the first `keep` steps are kept and those
     past the checkpoint are dropped."""
-    old = [line for line in path.read_text().splitlines() if '"step"' in line] if keep and path.exists() else []
+    old = step_records(path) if keep and path.exists() else []
     log = open(path, "w")
     log.writelines(line + "\n" for line in old[:keep])
     return log
+
+
+def step_records(log: Path) -> list[str]:
+    """The per-step lines of a log, without the closing summary."""
+    return [line for line in log.read_text().splitlines() if '"step"' in line]
 
 
 def save_state(run: Run) -> None:
@@ -744,8 +788,8 @@ def train_loop(run: Run) -> Smoothed:
             run.step += 1
             run.log.write(json.dumps(rec) + "\n")
             s = smooth.update(rec)
-            bar.set_postfix(L_erase=f"{s['L_erase']:.4f}", L_attn=f"{s['L_attn']:.3f}", L_pr=f"{s['L_pr']:.2e}",
-                            lam=f"{run.lam:.3f}")
+            bar.set_postfix(L_erase=f"{s['L_erase']:.4f}", L_attn=f"{s['L_attn']:.3f}",
+                            L_pr=f"{s['L_pr']:.2e}", lam=f"{run.lam:.3f}")
             bar.update()
             if run.step % args.checkpoint_every == 0 or run.step == args.steps:
                 save_state(run)
@@ -755,7 +799,8 @@ def train_loop(run: Run) -> Smoothed:
 def finish(run: Run, smooth: Smoothed, seconds: float) -> None:
     """Write the LoRA (its bytes depend only on the run: timings go to the log), drop the training
     checkpoint unless kept, print a summary."""
-    lora_file.save_lora(run.out, run.dit, run.spec, base=lora_file.base_fingerprint(run.dit), settings=run.meta)
+    base = lora_file.base_fingerprint(run.dit)
+    lora_file.save_lora(run.out, run.dit, run.spec, base=base, settings=run.meta)
     run.log.write(json.dumps({"finished": run.step, "seconds": round(seconds, 1), **run.timings}) + "\n")
     run.log.close()
     if not run.args.keep_checkpoint:
@@ -773,12 +818,12 @@ def stopped(run: Run, why: str, code: int):
     log = Path(run.log.name)
     try:
         saved = C.read_training_meta(run.ckpt)["step"] if run.ckpt.exists() else 0
-        lines = [line for line in log.read_text().splitlines() if '"step"' in line][:saved]
+        lines = step_records(log)[:saved]
         log.write_text("".join(line + "\n" for line in lines)) if lines else log.unlink(missing_ok=True)
     except OSError:
         log.unlink(missing_ok=True)
-    last = f"the last checkpoint is {run.ckpt} (resume with the same command and --resume)" if run.ckpt.exists() \
-        else "no checkpoint was written yet"
+    last = (f"the last checkpoint is {run.ckpt} (resume with the same command and --resume)"
+            if run.ckpt.exists() else "no checkpoint was written yet")
     die(f"{why}; {last}.", code=code)
 
 
@@ -799,7 +844,8 @@ def main(argv=None):
             except KeyboardInterrupt:
                 stopped(run, f"interrupted at step {run.step}", code=130)
             except OSError as e:
-                stopped(run, f"could not write the log or checkpoint next to {run.out} ({e.strerror or e})", code=1)
+                why = f"could not write the log or checkpoint next to {run.out} ({e.strerror or e})"
+                stopped(run, why, code=1)
             finish(run, smooth, time.time() - t0)
             return run.out
     except (CheckpointError, ValueError, OutputError) as e:

@@ -267,7 +267,8 @@ def test_a_blank_concept_is_one_error_line_from_a_real_process(random_ckpt, tmp_
     """A blank --concept exits non-zero before anything is loaded: one error line, no traceback, no file."""
     out = tmp_path / "x.safetensors"
     argv = args(random_ckpt, out, "--steps", "2", "--concept", "   ")  # the last --concept counts
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, capture_output=True,
+                       text=True)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     lines = error_lines(r.stderr)
