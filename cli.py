@@ -67,8 +67,8 @@ def check_output(path, flag: str, suffixes: tuple[str, ...], extra_names: tuple[
                          f"place.")
     longest = max([path.name, f".{path.name}.tmp{os.getpid()}", *extra_names], key=lambda n: len(n.encode()))
     if len(longest.encode()) > limit:
-        raise ValueError(f"{flag}: the file name {path.name!r} is too long for this file system ({limit} bytes "
-                         f"with the names derived from it); choose a shorter name.")
+        raise ValueError(f"{flag}: the file name {path.name!r} is too long for this file system ({limit} "
+                         f"bytes with the names derived from it); choose a shorter name.")
     return path
 
 
@@ -134,8 +134,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}; use one of float32, bfloat16, float16.")
     return table[name]
