@@ -62,7 +62,8 @@ def read_lora(path) -> tuple[dict[str, Tensor], dict]:
             meta, keys = f.metadata() or {}, list(f.keys())
             tensors = {k: f.get_tensor(k) for k in keys}
     except (SafetensorError, OSError) as e:
-        raise LoRAFileError(f"{path} is not a readable safetensors file ({e}); pass a LoRA written by train.py.")
+        raise LoRAFileError(f"{path} is not a readable safetensors file ({e}); pass a LoRA written by "
+                            f"train.py.")
     if meta.get("format") != FORMAT or not all(k.startswith(KEY_PREFIX) for k in keys):
         raise LoRAFileError(f"{path} is not a zerase token-gated LoRA (format {meta.get('format')!r}); only "
                             f"files written by train.py can be applied.")
@@ -105,8 +106,8 @@ def apply_loras(dit: nn.Module, paths: list, weights: list[float] | None = None)
     spec = Z.LoRASpec(layers=read[0][1]["layers"], targets=read[0][1]["targets"], rank=1, lora_alpha=1.0,
                     gated=read[0][1]["gated"])
     if max(spec.layers) >= len(dit.layers) or not set(spec.targets) <= {"to_q", "to_k", "to_v"}:
-        raise LoRAFileError(f"{paths[0]} targets layers {spec.layers} / {spec.targets}, which this model does not "
-                            f"have; use a LoRA trained on this model.")
+        raise LoRAFileError(f"{paths[0]} targets layers {spec.layers} / {spec.targets}, which this model "
+                            f"does not have; use a LoRA trained on this model.")
     Z.add_lora(dit, spec)
     merged = Z.merge_loras([f for f, _ in read], [m["scale"] for _, m in read], w)
     mods = Z.lora_modules(dit)
@@ -114,8 +115,8 @@ def apply_loras(dit: nn.Module, paths: list, weights: list[float] | None = None)
         mod, which = k.rsplit(".", 1)
         m = mods.get(mod)
         if m is None or (v.shape[1] != m.in_features if which == "lora_A" else v.shape[0] != m.out_features):
-            raise LoRAFileError(f"{paths[0]} does not fit this model ({mod}: shapes or modules differ); use a "
-                                f"LoRA trained on this model.")
+            raise LoRAFileError(f"{paths[0]} does not fit this model ({mod}: shapes or modules differ); "
+                                f"use a LoRA trained on this model.")
     if missing := sorted(set(mods) - {k.rsplit(".", 1)[0] for k in merged}):
         raise LoRAFileError(f"{paths[0]} has no factors for {missing[0]} although its metadata lists that "
                             f"projection; the file is damaged, write it again with train.py.")

@@ -114,7 +114,10 @@ class _GatedLoRA(torch.autograd.Function):
             if x_t is not None else zero
         d_t = d_t + ((h32 @ A_t.T) @ B.T if A_t is not None else zero)
         d_t = d_t + ((h32 @ A.T) @ B_t.T if B_t is not None else zero)
-        y_t = x_t @ weight.T if x_t is not None else torch.zeros(ctx.out_shape, dtype=h.dtype, device=h.device)
+        if x_t is not None:
+            y_t = x_t @ weight.T  # the frozen path's tangent
+        else:
+            y_t = torch.zeros(ctx.out_shape, dtype=h.dtype, device=h.device)
         y_t.view(-1, y_t.shape[-1]).index_add_(0, rows, (ctx.scale * d_t).to(y_t.dtype).expand(len(rows), -1))
         return y_t
 
@@ -259,7 +262,8 @@ def find_phrases(prompt: str, phrases: list[str]) -> list[tuple[int, int]]:
     """Character spans of every case-insensitive whole-word occurrence of any phrase in the prompt."""
     spans = []
     for ph in phrases:
-        spans += [m.span() for m in re.finditer(rf"(?<!\w){re.escape(ph)}(?!\w)", prompt, flags=re.IGNORECASE)]
+        whole_word = rf"(?<!\w){re.escape(ph)}(?!\w)"
+        spans += [m.span() for m in re.finditer(whole_word, prompt, flags=re.IGNORECASE)]
     return sorted(set(spans))
 
 
@@ -316,7 +320,8 @@ def d_star(g_er: Tensor, g_pr: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return g_er + lam * g_pr, lam  # Eq. 11: λ* = 0 gives ∇L_er
 
 
-def d_star_per_param(grads_er: list[Tensor], grads_pr: list[Tensor], eps: float) -> tuple[list[Tensor], Tensor]:
+def d_star_per_param(grads_er: list[Tensor], grads_pr: list[Tensor],
+                     eps: float) -> tuple[list[Tensor], Tensor]:
     """d_star on per-parameter gradient lists: one surgery over the whole flat gradient, split back [6]."""
     flat_er = torch.cat([g.reshape(-1) for g in grads_er])  # (P,) with P = total parameter count
     flat_pr = torch.cat([g.reshape(-1) for g in grads_pr])  # (P,)
