@@ -24,10 +24,12 @@ from model import (AutoencoderKL, CheckpointError, DiTConfig, Qwen3Layer, Qwen3T
                    TextEncoderConfig, Tokenizer, VAEConfig, ZImageTransformer, _read_json, encode_text)
 from cli import atomic_write
 
-FINGERPRINT_TENSORS = ("x_pad_token", "cap_pad_token", "t_embedder.mlp.0.bias")  # small; any fine-tune moves them
+# Small DiT tensors that any fine-tune moves: they identify a base model (lora_file.base_fingerprint).
+FINGERPRINT_TENSORS = ("x_pad_token", "cap_pad_token", "t_embedder.mlp.0.bias")
 MODEL_INDEX = {  # model_index.json of Tongyi-MAI/Z-Image-Turbo, as diffusers' ZImagePipeline reads it
     "_class_name": "ZImagePipeline", "_diffusers_version": "0.36.0.dev0",
-    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "Qwen3Model"],
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "Qwen3Model"],
     "tokenizer": ["transformers", "Qwen2Tokenizer"], "transformer": ["diffusers", "ZImageTransformer2DModel"],
     "vae": ["diffusers", "AutoencoderKL"],
 }
@@ -156,7 +158,8 @@ def load_text_encoder(folder: Path, dtype=torch.float32, device="cpu") -> Qwen3T
     # Keys may carry Qwen3ForCausalLM's "model." prefix. lm_head, the final norm and the last decoder layer
     # are stored but never influence hidden_states[-2]; they are dropped by name, everything else is strict.
     strip = lambda k: k[len("model."):] if k.startswith("model.") else k
-    unused = lambda k: k == "lm_head.weight" or strip(k) == "norm.weight" or strip(k).startswith(f"layers.{last}.")
+    unused = lambda k: (k == "lm_head.weight" or strip(k) == "norm.weight"
+                        or strip(k).startswith(f"layers.{last}."))
     return load_weights(_on_meta(lambda: Qwen3TextEncoder(cfg)), folder, dtype, device, strip, unused)
 
 
@@ -194,7 +197,8 @@ class ZImage:
         """Prompts -> list of (L_i, cap_feat_dim) features: hidden_states[-2] of the chat-templated prompt,
         real tokens only (as diffusers' ZImagePipeline encodes prompts)."""
         if self.text_encoder is None:
-            raise RuntimeError("the text encoder was freed; encode prompts before calling free_text_encoder()")
+            raise RuntimeError("the text encoder was freed; encode prompts before calling "
+                               "free_text_encoder()")
         return [h.to(self.dtype) for h in encode_text(self.text_encoder, self.tokenizer, prompts)]
 
     def free_text_encoder(self) -> None:
@@ -262,12 +266,14 @@ def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         data = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # raw little-endian bytes, bf16 included
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        end = offset + len(data)
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
         blobs.append(data)
-        offset += len(data)
+        offset = end
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(len(head).to_bytes(8, "little") + head + b"".join(blobs)))
+    size = len(head).to_bytes(8, "little")  # the safetensors layout: header size, header, data
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(size + head + b"".join(blobs)))
 
 
 def save_training_state(path, modules: dict, opts: dict, meta: dict, only=lambda k: True) -> None:
@@ -294,8 +300,8 @@ def read_training_meta(path) -> dict:
             meta = json.loads(f.read(n)).get("__metadata__", {})
             return json.loads(meta["meta"])
         except (ValueError, KeyError, UnicodeDecodeError):
-            raise CheckpointError(f"{path} is not a training checkpoint of train.py; remove it or pass another "
-                                  f"--out.") from None
+            raise CheckpointError(f"{path} is not a training checkpoint of train.py; remove it or pass "
+                                  f"another --out.") from None
 
 
 def load_training_state(path, modules: dict, opts: dict, only=lambda k: True) -> dict:
@@ -340,16 +346,32 @@ def _save_sharded(tensors: dict, folder: Path, stem: str, n_shards: int) -> None
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def save_zimage(out, configs: dict, dit: ZImageTransformer, text_encoder: Qwen3TextEncoder, vae: AutoencoderKL,
-                tokenizer_dir: Path, defaults: dict | None = None, seed: int = 0, dit_dtype=None,
-                te_dtype=None) -> Path:
-    """Write a checkpoint directory in the real layout: model_index.json, sharded transformer/ and text_encoder/
-    with index files, one-file vae/, scheduler/, tokenizer/ (copied), and zerase.json if `defaults` are given.
+def _cast(sd: dict, dtype) -> dict:
+    """A state dict with its floating-point tensors in dtype (None: unchanged)."""
+    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in sd.items()}
 
-    configs: {"transformer", "text_encoder", "vae", "scheduler"} -> the config.json contents. The text encoder
-    is stored as Qwen3ForCausalLM stores it ("model." prefix); hidden_states[-2] never uses its last decoder
-    layer or its final norm, so those are written seeded-random and ones, only so that the folder is a
-    complete Qwen3 checkpoint other tools can open. Written to a temporary folder, then renamed.
+
+def _as_causal_lm(text_encoder: Qwen3TextEncoder, seed: int) -> dict:
+    """The text encoder's tensors as Qwen3ForCausalLM stores them ("model." prefix), completed with the last
+    decoder layer (seeded-random) and the final norm (ones): hidden_states[-2] never uses them, but other
+    tools expect a complete Qwen3 checkpoint."""
+    cfg = text_encoder.cfg
+    torch.manual_seed(seed + 1)
+    last = Qwen3Layer(cfg)
+    sd = {f"model.{k}": v for k, v in text_encoder.state_dict().items()}
+    sd.update({f"model.layers.{cfg.num_hidden_layers - 1}.{k}": v for k, v in last.state_dict().items()})
+    sd["model.norm.weight"] = torch.ones(cfg.hidden_size)
+    return sd
+
+
+def save_zimage(out, configs: dict, dit: ZImageTransformer, text_encoder: Qwen3TextEncoder,
+                vae: AutoencoderKL, tokenizer_dir: Path, defaults: dict | None = None, seed: int = 0,
+                dit_dtype=None, te_dtype=None) -> Path:
+    """Write a checkpoint directory in the real layout: model_index.json, transformer/ and text_encoder/
+    sharded with index files, vae/ in one file, scheduler/, tokenizer/ (copied), zerase.json from `defaults`.
+
+    configs: {"transformer", "text_encoder", "vae", "scheduler"} -> their config.json contents. Written to
+    a temporary folder, then renamed.
     """
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
@@ -357,17 +379,12 @@ def save_zimage(out, configs: dict, dit: ZImageTransformer, text_encoder: Qwen3T
     for sub in ("transformer", "text_encoder", "vae", "scheduler"):
         (tmp / sub).mkdir(parents=True)
     dump = lambda p, obj: p.write_text(json.dumps(obj, indent=2) + "\n")
-    cast = lambda sd, dt: {k: v.to(dt) if dt is not None and v.is_floating_point() else v for k, v in sd.items()}
     dump(tmp / "model_index.json", MODEL_INDEX)
     dump(tmp / "transformer" / "config.json", configs["transformer"])
-    _save_sharded(cast(dict(dit.state_dict()), dit_dtype), tmp / "transformer", "diffusion_pytorch_model", 2)
-    torch.manual_seed(seed + 1)
-    last = Qwen3Layer(text_encoder.cfg)
-    sd = {f"model.{k}": v for k, v in text_encoder.state_dict().items()}
-    sd.update({f"model.layers.{text_encoder.cfg.num_hidden_layers - 1}.{k}": v for k, v in last.state_dict().items()})
-    sd["model.norm.weight"] = torch.ones(text_encoder.cfg.hidden_size)
+    _save_sharded(_cast(dict(dit.state_dict()), dit_dtype), tmp / "transformer", "diffusion_pytorch_model", 2)
+    sd = _as_causal_lm(text_encoder, seed)
     dump(tmp / "text_encoder" / "config.json", configs["text_encoder"])
-    _save_sharded(cast(sd, te_dtype), tmp / "text_encoder", "model", 2)
+    _save_sharded(_cast(sd, te_dtype), tmp / "text_encoder", "model", 2)
     shutil.copytree(tokenizer_dir, tmp / "tokenizer")
     from safetensors.torch import save_file
     dump(tmp / "vae" / "config.json", configs["vae"])

@@ -1,8 +1,8 @@
 """Small random Z-Image checkpoints in the exact Hugging Face layout, written by diffusers/transformers.
 
-Test helper (not product code). Our loader must read the real `Tongyi-MAI/Z-Image-Turbo` directory
-(Tongyi-MAI/Z-Image-Turbo): `model_index.json`, sharded fp32 transformer, sharded bf16 Qwen3 text encoder with a `model.`
-key prefix, Qwen2 tokenizer, single-file VAE, scheduler config. The real one is 33 GB and cannot be
+Test helper (not product code). Our loader must read the real `Tongyi-MAI/Z-Image-Turbo` directory:
+`model_index.json`, sharded fp32 transformer, sharded bf16 Qwen3 text encoder with a `model.` key prefix,
+Qwen2 tokenizer, single-file VAE, scheduler config. The real one is 33 GB and cannot be
 downloaded here, so the parity tests use a directory of the same shape with tiny random weights, saved
 by the libraries' own `save_pretrained`, which `diffusers.ZImagePipeline` then loads as the oracle.
 
@@ -196,12 +196,31 @@ def make_random_checkpoint(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-
-    # tokenizer first: the text encoder's vocabulary is its size
-    tok = train_tokenizer(CORPUS, TOKENIZER_VOCAB_SIZE)
+    tok = train_tokenizer(CORPUS, TOKENIZER_VOCAB_SIZE)  # first: its vocabulary sizes the text encoder
     save_tokenizer(tok, out / "tokenizer")
+    te, dit, autoencoder = _random_models(seed, *_model_kwargs(tok, transformer, text_encoder, vae))
+    _save_text_encoder(te, out / "text_encoder", te_dtype, te_rope_at_top_level)
+    _save_transformer(dit, out / "transformer")
+    autoencoder.save_pretrained(out / "vae", safe_serialization=True)  # vae/: one file
+    FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False
+    ).save_pretrained(out / "scheduler")
+    _write_json(out / "model_index.json", {
+        "_class_name": "ZImagePipeline",
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "Qwen3Model"],
+        "tokenizer": ["transformers", "Qwen2Tokenizer"],
+        "transformer": ["diffusers", "ZImageTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    })
+    return out
 
+
+def _model_kwargs(tok, transformer: dict | None, text_encoder: dict | None,
+                  vae: dict | None) -> tuple[dict, dict, dict]:
+    """The libraries' constructor kwargs: the defaults above, the caller's overrides, and what follows from
+    the tokenizer (vocabulary, special tokens) and from the text encoder and VAE (the DiT's input sizes)."""
     te_kwargs = {**TEXT_ENCODER, **(text_encoder or {})}
     te_kwargs.setdefault("vocab_size", tok.get_vocab_size())
     te_kwargs.setdefault("bos_token_id", tok.token_to_id(PAD))  # as in Qwen3: bos = <|endoftext|>
@@ -213,7 +232,12 @@ def make_random_checkpoint(
         **TRANSFORMER,
         **(transformer or {}),
     }
+    return te_kwargs, dit_kwargs, vae_kwargs
 
+
+def _random_models(seed: int, te_kwargs: dict, dit_kwargs: dict, vae_kwargs: dict):
+    """Qwen3ForCausalLM, ZImageTransformer2DModel and AutoencoderKL with every parameter drawn from `seed`."""
+    g = torch.Generator().manual_seed(seed)
     # fork_rng: construction-time inits (overwritten below) neither depend on nor disturb global RNG
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -225,38 +249,24 @@ def make_random_checkpoint(
         model.eval()
     with torch.no_grad():  # halve the decoder's output so that few pixels are clipped to [-1, 1]
         autoencoder.decoder.conv_out.weight.mul_(0.5)
+    return te, dit, autoencoder
 
-    # text_encoder/: Qwen3ForCausalLM keys (model.*), sharded, tied lm_head not stored
-    te.to(te_dtype).save_pretrained(out / "text_encoder", max_shard_size=_shard_size(te))
-    (out / "text_encoder" / "generation_config.json").unlink()  # not in the real repo
-    if te_rope_at_top_level:
-        _legacy_qwen3_config(out / "text_encoder" / "config.json")
 
-    # transformer/: fp32 like the real repo, sharded
-    dit.save_pretrained(out / "transformer", safe_serialization=True, max_shard_size=_shard_size(dit))
-    config_path = out / "transformer" / "config.json"
-    config = json.loads(config_path.read_text())
+def _save_text_encoder(te, folder: Path, dtype: torch.dtype, rope_at_top_level: bool) -> None:
+    """text_encoder/: Qwen3ForCausalLM keys (model.*), sharded, tied lm_head not stored."""
+    te.to(dtype).save_pretrained(folder, max_shard_size=_shard_size(te))
+    (folder / "generation_config.json").unlink()  # not in the real repo
+    if rope_at_top_level:
+        _legacy_qwen3_config(folder / "config.json")
+
+
+def _save_transformer(dit, folder: Path) -> None:
+    """transformer/: fp32 like the real repo, sharded, config.json as the real repo writes it."""
+    dit.save_pretrained(folder, safe_serialization=True, max_shard_size=_shard_size(dit))
+    config = json.loads((folder / "config.json").read_text())
     if config.get("siglip_feat_dim", 0) is None:  # added in diffusers 0.37 (Omni); absent in the real file
         del config["siglip_feat_dim"]
-        _write_json(config_path, config)
-
-    # vae/: one file
-    autoencoder.save_pretrained(out / "vae", safe_serialization=True)
-
-    FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False
-    ).save_pretrained(out / "scheduler")
-
-    _write_json(out / "model_index.json", {
-        "_class_name": "ZImagePipeline",
-        "_diffusers_version": diffusers.__version__,
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "Qwen3Model"],
-        "tokenizer": ["transformers", "Qwen2Tokenizer"],
-        "transformer": ["diffusers", "ZImageTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    })
-    return out
+        _write_json(folder / "config.json", config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,12 +321,12 @@ def make_real_config_checkpoint(out_dir, *, seed: int = 0, n_layers: int = 1, n_
     import model as M
     out = Path(out_dir)
     g = torch.Generator().manual_seed(seed)
-    vocab = json.loads((TINY_TOKENIZER / "tokenizer.json").read_text())["model"]["vocab"]
-    n_vocab = len(vocab) + len(json.loads((TINY_TOKENIZER / "tokenizer.json").read_text())["added_tokens"])
+    tokenizer = json.loads((TINY_TOKENIZER / "tokenizer.json").read_text())
+    n_vocab = len(tokenizer["model"]["vocab"]) + len(tokenizer["added_tokens"])
     configs = {k: dict(v) for k, v in M.ZIMAGE_TURBO.items()}
     configs["transformer"].update(n_layers=n_layers, n_refiner_layers=n_refiner_layers)
-    configs["text_encoder"].update(num_hidden_layers=te_layers, max_window_layers=te_layers, vocab_size=n_vocab,
-                                   bos_token_id=0, eos_token_id=2)
+    configs["text_encoder"].update(num_hidden_layers=te_layers, max_window_layers=te_layers,
+                                   vocab_size=n_vocab, bos_token_id=0, eos_token_id=2)
     strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731
     with torch.device("meta"):  # built without an init pass: randomize_ draws every parameter below
         dit = M.ZImageTransformer(M.DiTConfig.from_dict(strip(configs["transformer"])))
@@ -327,5 +337,5 @@ def make_real_config_checkpoint(out_dir, *, seed: int = 0, n_layers: int = 1, n_
         randomize_(module, g)
     with torch.no_grad():  # halve the decoder's output so that few pixels are clipped to [-1, 1]
         vae.decoder.conv_out.weight.mul_(0.5)
-    return C.save_zimage(out, configs, dit, te, vae, TINY_TOKENIZER, defaults={"steps": pool_steps}, seed=seed,
-                         te_dtype=torch.bfloat16)
+    return C.save_zimage(out, configs, dit, te, vae, TINY_TOKENIZER, defaults={"steps": pool_steps},
+                         seed=seed, te_dtype=torch.bfloat16)
