@@ -52,11 +52,13 @@ class CheckpointError(ValueError):
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; point --model at a Z-Image checkpoint directory "
-                              f"(model_index.json, transformer/, text_encoder/, tokenizer/, vae/, scheduler/).")
+                              f"(model_index.json, transformer/, text_encoder/, tokenizer/, vae/, "
+                              f"scheduler/).")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or regenerate that file.") from None
+        problem = f"{path} is not valid JSON ({e})"
+        raise CheckpointError(f"{problem}; re-download or regenerate that file.") from None
 
 
 def _pick(cls, raw: dict, path: Path, renames: dict | None = None) -> dict:
@@ -65,7 +67,8 @@ def _pick(cls, raw: dict, path: Path, renames: dict | None = None) -> dict:
     for f in fields(cls):
         key = (renames or {}).get(f.name, f.name)
         if key not in raw:
-            raise CheckpointError(f"{path} has no '{key}' field; this is not a Z-Image {cls.__name__} config.")
+            what = f"a Z-Image {cls.__name__} config"
+            raise CheckpointError(f"{path} has no '{key}' field; this is not {what}.")
         out[f.name] = tuple(raw[key]) if isinstance(raw[key], list) else raw[key]
     return out
 
@@ -246,7 +249,7 @@ class Linear(nn.Linear):
 def rope_freqs(pos: torch.Tensor, axes_dims: tuple, theta: float) -> torch.Tensor:
     """3-axis RoPE as complex rotations: pos (..., 3) int -> (..., head_dim/2) complex64.
 
-    omega_{a,k} = theta^(-2k/d_a); angles pos_a * omega_{a,k} in float64, cast to float32 (as diffusers' RopeEmbedder).
+    ω_{a,k} = θ^(-2k/d_a); the angles pos_a·ω_{a,k} in float64, then float32 (as diffusers' RopeEmbedder).
     """
     out = []
     for a, d in enumerate(axes_dims):
@@ -269,7 +272,7 @@ class Attention(nn.Module):
         self.to_q = Linear(dim, dim, bias=False)
         self.to_k = Linear(dim, dim, bias=False)
         self.to_v = Linear(dim, dim, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=False)])  # ModuleList of one: key to_out.0.weight
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=False)])  # key to_out.0.weight
         self.norm_q = RMSNorm(dim // n_heads, eps)
         self.norm_k = RMSNorm(dim // n_heads, eps)
         self.probe = None  # optional callable(q, k): how zerase's attention loss (Eq. 6) reads q and k
@@ -350,7 +353,8 @@ class Block(nn.Module):
 class TimestepEmbedder(nn.Module):
     def __init__(self, out_size: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(FREQ_EMBED_DIM, T_MLP_HIDDEN), nn.SiLU(), nn.Linear(T_MLP_HIDDEN, out_size))
+        self.mlp = nn.Sequential(nn.Linear(FREQ_EMBED_DIM, T_MLP_HIDDEN), nn.SiLU(),
+                                 nn.Linear(T_MLP_HIDDEN, out_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = FREQ_EMBED_DIM // 2
@@ -365,7 +369,8 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, out)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(min(dim, ADALN_EMBED_DIM), dim))  # key .1.*
+        # the Linear is item 1: keys adaLN_modulation.1.*
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(min(dim, ADALN_EMBED_DIM), dim))
 
     def forward(self, x, c):  # scale only: no shift, no gate
         return self.linear(self.norm_final(x) * (1 + self.adaLN_modulation(c)[:, None]))
@@ -415,7 +420,8 @@ def _batch(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]
     out = nn.utils.rnn.pad_sequence(seqs, batch_first=True)
     if len(set(lens)) == 1:
         return out, None
-    mask = torch.arange(out.shape[1], device=out.device)[None] < torch.tensor(lens, device=out.device)[:, None]
+    rows = torch.arange(out.shape[1], device=out.device)
+    mask = rows[None] < torch.tensor(lens, device=out.device)[:, None]  # (B, S): True on real rows
     return out, mask[:, None, None, :]
 
 
@@ -432,7 +438,8 @@ class ZImageTransformer(nn.Module):
         self.noise_refiner = nn.ModuleList([Block(cfg, True) for _ in range(cfg.n_refiner_layers)])
         self.context_refiner = nn.ModuleList([Block(cfg, False) for _ in range(cfg.n_refiner_layers)])
         self.t_embedder = TimestepEmbedder(min(d, ADALN_EMBED_DIM))
-        self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, d))
+        self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps),
+                                          nn.Linear(cfg.cap_feat_dim, d))
         self.x_pad_token = nn.Parameter(torch.zeros(1, d))
         self.cap_pad_token = nn.Parameter(torch.zeros(1, d))
         self.layers = nn.ModuleList([Block(cfg, True) for _ in range(cfg.n_layers)])
@@ -449,7 +456,8 @@ class ZImageTransformer(nn.Module):
                       max(a + b for a, b in zip(n_img_padded, n_cap_padded)))
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(C, H, W) -> (H/p * W/p, p*p*C), row-major tokens, channel fastest then pw then ph (as diffusers' patchify_and_embed)."""
+        """(C, H, W) -> (H/p * W/p, p*p*C): tokens row-major; in each, channel fastest, then pw, then ph
+        (as diffusers' patchify_and_embed)."""
         C, H, W = x.shape
         p = self.cfg.patch
         return x.view(C, H // p, p, W // p, p).permute(1, 3, 2, 4, 0).reshape((H // p) * (W // p), p * p * C)
@@ -460,28 +468,38 @@ class ZImageTransformer(nn.Module):
         return tokens.view(H // p, W // p, p, p, C).permute(4, 0, 2, 1, 3).reshape(C, H, W)
 
     def embed(self, x: list[torch.Tensor], cap_feats: list[torch.Tensor], lay: Layout):
-        """Embed and refine each stream, then build the unified sequence u (B, S, D) and its RoPE table."""
-        cfg, dev = self.cfg, x[0].device
-        key = next(iter(self.all_x_embedder))
+        """Each item's image and caption tokens, embedded and padded to the layout's lengths, with their
+        3-axis RoPE positions: the inputs of the noise and context refiners."""
+        dev = x[0].device
         img, img_pos, cap, cap_pos = [], [], [], []
-        for xi, ci, n, np_, l, lp in zip(x, cap_feats, lay.n_img, lay.n_img_padded, lay.n_cap, lay.n_cap_padded):
-            # caption token j (pad slots included) sits at (1 + j, 0, 0)
-            pos_c = torch.zeros(lp, 3, dtype=torch.long, device=dev)
-            pos_c[:, 0] = torch.arange(1, lp + 1, device=dev)
-            e = self.cap_embedder(ci)  # (L, D)
-            cap.append(torch.cat([e, self.cap_pad_token.expand(lp - l, -1).to(e.dtype)]))
-            cap_pos.append(pos_c)
-            # image token (h, w) sits at (lp + 1, h, w); image pad tokens at (0, 0, 0)
-            H, W = xi.shape[-2] // cfg.patch, xi.shape[-1] // cfg.patch
-            pos_x = torch.zeros(np_, 3, dtype=torch.long, device=dev)
-            pos_x[:n, 0] = lp + 1
-            pos_x[:n, 1] = torch.arange(H, device=dev).repeat_interleave(W)
-            pos_x[:n, 2] = torch.arange(W, device=dev).repeat(H)
-            emb = self.all_x_embedder[key]
-            e = emb(self.patchify(xi).to(emb.weight.dtype))  # (N, D); latents enter in the DiT's dtype
-            img.append(torch.cat([e, self.x_pad_token.expand(np_ - n, -1).to(e.dtype)]))
-            img_pos.append(pos_x)
+        for i, (xi, ci) in enumerate(zip(x, cap_feats)):
+            tokens, pos = self.embed_caption(ci, lay.n_cap[i], lay.n_cap_padded[i], dev)
+            cap.append(tokens)
+            cap_pos.append(pos)
+            tokens, pos = self.embed_image(xi, lay.n_img[i], lay.n_img_padded[i], lay.n_cap_padded[i], dev)
+            img.append(tokens)
+            img_pos.append(pos)
         return img, img_pos, cap, cap_pos
+
+    def embed_caption(self, feats: torch.Tensor, n: int, n_padded: int, dev):
+        """(n_padded, D) caption tokens, pad slots filled with cap_pad_token; token j (pad slots included)
+        sits at position (1 + j, 0, 0)."""
+        pos = torch.zeros(n_padded, 3, dtype=torch.long, device=dev)
+        pos[:, 0] = torch.arange(1, n_padded + 1, device=dev)
+        e = self.cap_embedder(feats)  # (L, D)
+        return torch.cat([e, self.cap_pad_token.expand(n_padded - n, -1).to(e.dtype)]), pos
+
+    def embed_image(self, latent: torch.Tensor, n: int, n_padded: int, cap_padded: int, dev):
+        """(n_padded, D) image tokens, pad slots filled with x_pad_token; token (h, w) sits at position
+        (cap_padded + 1, h, w), pad tokens at (0, 0, 0)."""
+        H, W = latent.shape[-2] // self.cfg.patch, latent.shape[-1] // self.cfg.patch
+        pos = torch.zeros(n_padded, 3, dtype=torch.long, device=dev)
+        pos[:n, 0] = cap_padded + 1
+        pos[:n, 1] = torch.arange(H, device=dev).repeat_interleave(W)
+        pos[:n, 2] = torch.arange(W, device=dev).repeat(H)
+        emb = self.all_x_embedder[next(iter(self.all_x_embedder))]
+        e = emb(self.patchify(latent).to(emb.weight.dtype))  # (N, D); latents enter in the DiT's dtype
+        return torch.cat([e, self.x_pad_token.expand(n_padded - n, -1).to(e.dtype)]), pos
 
     def forward(self, x, t: torch.Tensor, cap_feats: list[torch.Tensor], return_layout: bool = False):
         """v = DiT(x, t, captions).
@@ -507,15 +525,17 @@ class ZImageTransformer(nn.Module):
         for blk in self.context_refiner:
             cb = blk(cb, cfreqs, cmask)
 
-        # unified sequence: image rows first, then caption rows (never the other way: diffusers' ZImageTransformer2DModel.forward)
-        u, umask = _batch([torch.cat([xb[i, :np_], cb[i, :lp]]) for i, (np_, lp) in enumerate(zip(lay.n_img_padded, lay.n_cap_padded))])
-        ufreqs, _ = _batch([torch.cat([xfreqs[i, :a], cfreqs[i, :b]]) for i, (a, b) in enumerate(zip(lay.n_img_padded, lay.n_cap_padded))])
+        # the unified sequence: image rows first, then caption rows (as diffusers' ZImageTransformer2DModel)
+        lengths = list(enumerate(zip(lay.n_img_padded, lay.n_cap_padded)))
+        u, umask = _batch([torch.cat([xb[i, :a], cb[i, :b]]) for i, (a, b) in lengths])
+        ufreqs, _ = _batch([torch.cat([xfreqs[i, :a], cfreqs[i, :b]]) for i, (a, b) in lengths])
         text_rows = lay.text_rows(u.device)
         for blk in self.layers:
+            inputs = (u, ufreqs, umask, c, text_rows)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                u = torch.utils.checkpoint.checkpoint(blk, u, ufreqs, umask, c, text_rows, use_reentrant=False)
+                u = torch.utils.checkpoint.checkpoint(blk, *inputs, use_reentrant=False)
             else:
-                u = blk(u, ufreqs, umask, c, text_rows)
+                u = blk(*inputs)
         u = self.all_final_layer[next(iter(self.all_final_layer))](u, c)
 
         out = [self.unpatchify(u[i, :n], *xi.shape[-2:]) for i, (n, xi) in enumerate(zip(lay.n_img, xs))]
@@ -659,7 +679,8 @@ class Sampler2x(nn.Module):
         self.conv = nn.Conv2d(c, c, 3, stride=2 if down else 1, padding=0 if down else 1)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        x = F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x)
 
 
 class VAEStage(nn.Module):
@@ -764,13 +785,15 @@ class Tokenizer:
         self.prefix = CHAT_TEMPLATE.split("{prompt}")[0]
         for special in ("<|im_start|>", "<|im_end|>"):
             if self.tok.token_to_id(special) is None:
-                raise CheckpointError(f"{path} lacks the special token {special}; it is not a Qwen tokenizer.")
+                raise CheckpointError(f"{path} lacks the special token {special}; "
+                                      f"it is not a Qwen tokenizer.")
 
     def n_tokens(self, prompt: str) -> int:
-        """Tokens of the chat-templated prompt, uncut (encode cuts at MAX_TEXT_TOKENS, as the pipeline does)."""
+        """How many tokens the chat-templated prompt has, before encode cuts it to MAX_TEXT_TOKENS."""
         return len(self.tok.encode(CHAT_TEMPLATE.format(prompt=prompt)).ids)
 
-    def encode(self, prompt: str, max_tokens: int = MAX_TEXT_TOKENS) -> tuple[list[int], list[tuple[int, int]]]:
+    def encode(self, prompt: str,
+               max_tokens: int = MAX_TEXT_TOKENS) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids of the chat-templated prompt (real tokens only, at most max_tokens, cut from the right)
         and each token's (start, end) character span in `prompt` ((0, 0) for template tokens)."""
         enc = self.tok.encode(CHAT_TEMPLATE.format(prompt=prompt))
@@ -780,7 +803,8 @@ class Tokenizer:
         return enc.ids[:max_tokens], spans[:max_tokens]
 
 
-def encode_text(text_encoder: Qwen3TextEncoder, tokenizer: Tokenizer, prompts: list[str]) -> list[torch.Tensor]:
+def encode_text(text_encoder: Qwen3TextEncoder, tokenizer: Tokenizer,
+                prompts: list[str]) -> list[torch.Tensor]:
     """Prompts -> list of (L_i, hidden) features, real tokens only; differentiable (the tiny model's
     pretraining trains its text encoder through this)."""
     ids = [tokenizer.encode(p)[0] for p in prompts]
@@ -799,9 +823,9 @@ def encode_text(text_encoder: Qwen3TextEncoder, tokenizer: Tokenizer, prompts: l
 ZIMAGE_TURBO = {
     "transformer": {
         "_class_name": "ZImageTransformer2DModel", "all_patch_size": [2], "all_f_patch_size": [1],
-        "in_channels": 16, "dim": 3840, "n_layers": 30, "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30,
-        "norm_eps": 1e-05, "qk_norm": True, "cap_feat_dim": 2560, "rope_theta": 256.0, "t_scale": 1000.0,
-        "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512],
+        "in_channels": 16, "dim": 3840, "n_layers": 30, "n_refiner_layers": 2, "n_heads": 30,
+        "n_kv_heads": 30, "norm_eps": 1e-05, "qk_norm": True, "cap_feat_dim": 2560, "rope_theta": 256.0,
+        "t_scale": 1000.0, "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512],
     },
     "text_encoder": {
         "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "torch_dtype": "bfloat16",
@@ -817,8 +841,8 @@ ZIMAGE_TURBO = {
         "latent_channels": 16, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
         "norm_num_groups": 32, "down_block_types": ["DownEncoderBlock2D"] * 4,
         "up_block_types": ["UpDecoderBlock2D"] * 4, "mid_block_add_attention": True, "sample_size": 1024,
-        "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False,
-        "force_upcast": True,
+        "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False,
+        "use_post_quant_conv": False, "force_upcast": True,
     },
     "scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
                   "use_dynamic_shifting": False},

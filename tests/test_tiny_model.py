@@ -1,5 +1,5 @@
-"""The embedded default model, weights/zimage-tiny: real layout, loaded by the same loader, sampled by the same
-sampler, equal to what diffusers' pipeline makes of it, and small enough to ship."""
+"""The embedded default model, weights/zimage-tiny: real layout, loaded by the same loader, sampled by the
+same sampler, equal to what diffusers' pipeline makes of it, and small enough to ship."""
 import json
 import subprocess
 import sys
@@ -40,7 +40,8 @@ def test_everything_under_weights_totals_at_most_40_mb():
 
 def test_sample_py_without_arguments_writes_the_default_grid(tmp_path):
     """`python sample.py` with no arguments renders the tiny model's default prompts as one grid."""
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py")], cwd=tmp_path, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py")], cwd=tmp_path, capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stderr
     img = np.asarray(Image.open(tmp_path / "samples.png"))
     n = len(C.load_zimage(TINY, text_encoder=False, vae=False).defaults["prompts"])
