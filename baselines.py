@@ -292,27 +292,21 @@ def dit_localization(dit: M.ZImageTransformer, tokens: ConceptTokens, layers, ne
     """DiT-Localization's intervention: in the unified layers `layers` only, the items whose prompt names the
     concept attend with a neutral caption's text rows; every other layer, item and image row is untouched.
 
-    What is substituted, exactly: for each item naming the concept, the DiT is first run on the same x_t and
-    t with its neutral caption (`neutral`: one (L0, cap_feat_dim) tensor for all, e.g. null_caption, or one
-    per prompt, e.g. clean_captions). In each chosen layer, the attention input (the normed, adaLN-scaled
-    hidden state that feeds to_q, to_k and to_v) of the item's caption rows is replaced by that null pass's
-    input at the same caption rows, so the queries, keys and values of those rows are the neutral
-    caption's (RoPE puts them at the same caption positions); the layer's residual stream and FFN are the
-    item's own. This is what the reference implementation does in a localised block (it overwrites the text
-    part of the attention input with the knowledge-agnostic prompt's). The whole caption by default (scope
-    "caption"), not only the concept's tokens: the context refiner has already spread the concept over
-    every caption token (see attention_zeroing), so withholding it from a layer means withholding the
-    caption; caption rows past the neutral's padded length take its last pad slot, neutral rows past the
-    caption's are unused. scope "concept": only the concept's rows, from the neutral's first pad slot (the
-    learned cap_pad_token after the refiner: "no text here"). One extra DiT call per sampler call, on the
-    items that name the concept."""
+    For each such item the DiT first runs on the same x_t and t with its neutral caption (`neutral`: one
+    (L0, cap_feat_dim) tensor, e.g. null_caption, or one per prompt, e.g. clean_captions): one extra DiT call
+    per sampler call, on those items only. In each chosen layer, the attention input (the normed,
+    adaLN-scaled hidden state that feeds to_q, to_k and to_v) at the item's caption rows is replaced by that
+    null pass's, so those rows' queries, keys and values are the neutral caption's at the same RoPE
+    positions; the residual stream and FFN stay the item's own. DiT-Localization's reference code does
+    this: it overwrites the text part of a localised block's attention input with the knowledge-agnostic
+    prompt's.
+
+    scope "caption" (default) replaces the whole caption: the context refiner has already spread the concept
+    over every caption token (see attention_zeroing). Caption rows past the neutral's padded length take its
+    last pad slot; neutral rows past the caption's are unused. scope "concept" replaces only the concept's
+    rows, from the neutral's first pad slot (the learned cap_pad_token after the refiner: "no text here")."""
     layers = sorted(set(layers))
-    for n in [neutral] if torch.is_tensor(neutral) else neutral:
-        if len(n) % M.SEQ_MULTI_OF == 0:
-            raise ValueError(f"a neutral caption of {len(n)} tokens (a multiple of {M.SEQ_MULTI_OF}) has no "
-                             f"pad slot; add or remove a word.")
-    if scope not in ("caption", "concept"):
-        raise ValueError(f"scope must be 'caption' or 'concept', got {scope!r}.")
+    _check_localization(neutral, scope)
     state, saved = {"mode": None}, {}
 
     def before(inputs, lay, items):
@@ -329,27 +323,40 @@ def dit_localization(dit: M.ZImageTransformer, tokens: ConceptTokens, layers, ne
         dev = x[0].device
         state.update(mode="replace", rows=(b.to(dev), r.to(dev)), src=src.to(dev))
 
-    def substitute(i):
-        def hook(module, args):  # args[0] (B, S, D): the attention input of chosen layer i
-            x = args[0]
-            if state["mode"] == "record":  # (sum of padded neutral lengths, D): each null item's caption rows
-                saved[i] = torch.cat([x[k, s:s + n] for k, (s, n) in enumerate(state["spans"])])
-            elif state["mode"] == "replace":
-                return (x.index_put(state["rows"], saved[i][state["src"]]),) + args[1:]
-            return None
-        return hook
-
     def after():
         state["mode"] = None
         saved.clear()
 
-    handles = [dit.layers[i].attention.register_forward_pre_hook(substitute(i)) for i in layers]
+    handles = [dit.layers[i].attention.register_forward_pre_hook(_substitute_attention_input(i, state, saved))
+               for i in layers]
     try:
         with on_each_forward(dit, tokens, before, after):
             yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _check_localization(neutral: Tensor | list[Tensor], scope: str) -> None:
+    for n in [neutral] if torch.is_tensor(neutral) else neutral:
+        if len(n) % M.SEQ_MULTI_OF == 0:
+            raise ValueError(f"a neutral caption of {len(n)} tokens (a multiple of {M.SEQ_MULTI_OF}) has no "
+                             f"pad slot; add or remove a word.")
+    if scope not in ("caption", "concept"):
+        raise ValueError(f"scope must be 'caption' or 'concept', got {scope!r}.")
+
+
+def _substitute_attention_input(i: int, state: dict, saved: dict):
+    """The pre-hook of chosen layer i's attention: in the null pass it keeps each null item's caption rows
+    of the attention input (saved[i]); in the items' own pass it writes them over the rows to replace."""
+    def hook(module, args):  # args[0] (B, S, D): the attention input of chosen layer i
+        x = args[0]
+        if state["mode"] == "record":  # (sum of padded neutral lengths, D): each null item's caption rows
+            saved[i] = torch.cat([x[k, s:s + n] for k, (s, n) in enumerate(state["spans"])])
+        elif state["mode"] == "replace":
+            return (x.index_put(state["rows"], saved[i][state["src"]]),) + args[1:]
+        return None
+    return hook
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -213,12 +213,26 @@ def apply_zerase(pipe_or_transformer, path_or_paths, weight=None) -> ZEraseHandl
     read = _read_and_check(transformer, paths)
     meta = read[0][1]
     attns = {i: transformer.layers[i].attention for i in meta["layers"]}
+    _check_plain_projections(attns, meta["targets"])
+    merged = Z.merge_loras([f for f, _ in read], [m["scale"] for _, m in read], w)  # Eq. 63, one LoRA
+    gate = _Gate()
+    wrapped = _gated_projections(attns, meta, merged, gate, paths[0])
+    for attn, name, _, g in wrapped:
+        setattr(attn, name, g)
+    Z.set_lora_state(transformer, merged, scale=1.0)  # merged factors carry w_i·s_i: scale 1
+    hooks = _install_hooks(transformer, gate, attns)
+    return ZEraseHandle(transformer, [(a, n, lin) for a, n, lin, _ in wrapped], hooks, w,
+                        [m for _, m in read])
+
+
+def _check_plain_projections(attns: dict, targets: list[str]) -> None:
+    """Each targeted projection must be a plain, unfused nn.Linear that no adapter wraps yet."""
     for i, attn in attns.items():
         if getattr(attn, "fused_projections", False):
             raise LoRAFileError(f"layers.{i}.attention has fused qkv projections; a token-gated LoRA cannot "
                                 f"act on a fused projection. Un-fuse them first "
                                 f"(attention.fuse_projections(False)).")
-        for name in meta["targets"]:
+        for name in targets:
             lin = getattr(attn, name)
             if isinstance(lin, _GatedProjection):
                 raise LoRAFileError("a zerase LoRA is already applied to this transformer; remove() it "
@@ -228,30 +242,33 @@ def apply_zerase(pipe_or_transformer, path_or_paths, weight=None) -> ZEraseHandl
                                     f"nn.Linear (another adapter, e.g. a PEFT LoRA, wraps it); unload that "
                                     f"first.")
 
-    merged = Z.merge_loras([f for f, _ in read], [m["scale"] for _, m in read], w)  # Eq. 63, one LoRA
-    gate, originals = _Gate(), []
+
+def _gated_projections(attns: dict, meta: dict, merged: dict, gate: "_Gate", path) -> list[tuple]:
+    """(attention, name, original nn.Linear, its gated wrapper) for every targeted projection, each checked
+    against the merged factors' shapes; nothing is installed yet."""
+    wrapped = []
     for i, attn in attns.items():
         for name in meta["targets"]:
             lin = getattr(attn, name)
             mod = f"layers.{i}.attention.{name}"
             A, B = merged.get(f"{mod}.lora_A"), merged.get(f"{mod}.lora_B")
             if A is None or B is None or A.shape[1] != lin.in_features or B.shape[0] != lin.out_features:
-                raise LoRAFileError(f"{paths[0]} does not fit this transformer ({mod}: factors missing or of "
+                raise LoRAFileError(f"{path} does not fit this transformer ({mod}: factors missing or of "
                                     f"other shapes); use a LoRA trained on this model.")
             # its own generator: the placeholder init must not advance the global RNG the user may seed
             g = _GatedProjection.wrap(lin, rank=1, lora_alpha=1.0, gated=meta["gated"], rng=torch.Generator())
             g._zerase_gate, g._zerase_name = gate, mod
             gate.calls[mod] = 0
-            originals.append((attn, name, lin, g))
-    for attn, name, _, g in originals:
-        setattr(attn, name, g)
-    Z.set_lora_state(transformer, merged, scale=1.0)  # merged factors carry w_i·s_i: scale 1
+            wrapped.append((attn, name, lin, g))
+    return wrapped
+
+
+def _install_hooks(transformer, gate: "_Gate", attns: dict) -> list:
+    """The hooks that give the gate each forward's caption rows and check how diffusers ran it."""
     first_layer = transformer.layers[min(attns)]
-    hooks = [transformer.register_forward_pre_hook(_make_pre_hook(gate, attns), with_kwargs=True),
-             first_layer.register_forward_pre_hook(_make_layout_check(gate, transformer), with_kwargs=True),
-             transformer.register_forward_hook(_make_post_hook(gate))]
-    return ZEraseHandle(transformer, [(a, n, lin) for a, n, lin, _ in originals], hooks, w,
-                        [m for _, m in read])
+    return [transformer.register_forward_pre_hook(_make_pre_hook(gate, attns), with_kwargs=True),
+            first_layer.register_forward_pre_hook(_make_layout_check(gate, transformer), with_kwargs=True),
+            transformer.register_forward_hook(_make_post_hook(gate))]
 
 
 # ---------------------------------------------------------------------------------------------------------
