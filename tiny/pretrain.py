@@ -62,8 +62,8 @@ TRANSFORMER = {
     "axes_dims": [8, 12, 12], "axes_lens": [1536, 512, 512],
 }
 VAE = {
-    "_class_name": "AutoencoderKL", "act_fn": "silu", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
-    "block_out_channels": [16, 32, 64], "layers_per_block": 1, "norm_num_groups": 16,
+    "_class_name": "AutoencoderKL", "act_fn": "silu", "in_channels": 3, "out_channels": 3,
+    "latent_channels": 4, "block_out_channels": [16, 32, 64], "layers_per_block": 1, "norm_num_groups": 16,
     "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
     "mid_block_add_attention": True, "sample_size": world.IMAGE_SIZE, "scaling_factor": 1.0,
     "shift_factor": 0.0, "use_quant_conv": False, "use_post_quant_conv": False, "force_upcast": True,
@@ -120,7 +120,8 @@ def train_vae(images: np.ndarray, work: Path, steps: int, batch: int, seed: int)
         opt.step()
         step += 1
         if step % 100 == 0 or step == steps:
-            log(f"vae step {step}/{steps} loss {loss.item():.4f} kl {kl.item():.3f} ({time.time() - t0:.0f}s)")
+            log(f"vae step {step}/{steps} loss {loss.item():.4f} kl {kl.item():.3f} "
+                f"({time.time() - t0:.0f}s)")
         if step % 500 == 0 or step == steps:
             C.save_training_state(ck, {"vae": vae}, {"vae": opt}, {"step": step})
     return vae.eval().requires_grad_(False)
@@ -129,7 +130,8 @@ def train_vae(images: np.ndarray, work: Path, steps: int, batch: int, seed: int)
 @torch.no_grad()
 def encode_all(vae: M.AutoencoderKL, images: np.ndarray, batch: int = 256) -> torch.Tensor:
     """Posterior means of every image, unscaled: (N, latent_channels, 16, 16)."""
-    return torch.cat([vae.encode(world.to_tensor(images[i:i + batch]))[0] for i in range(0, len(images), batch)])
+    starts = range(0, len(images), batch)
+    return torch.cat([vae.encode(world.to_tensor(images[i:i + batch]))[0] for i in starts])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,7 +229,8 @@ def model_defaults() -> dict:
 
 def export(out: Path, tok_dir: Path, vae: M.AutoencoderKL, te: M.Qwen3TextEncoder, dit: M.ZImageTransformer,
            vae_cfg: dict, seed: int) -> None:
-    configs = {"transformer": TRANSFORMER, "text_encoder": TEXT_ENCODER, "vae": vae_cfg, "scheduler": SCHEDULER}
+    configs = {"transformer": TRANSFORMER, "text_encoder": TEXT_ENCODER, "vae": vae_cfg,
+               "scheduler": SCHEDULER}
     C.save_zimage(out, configs, dit, te, vae, tok_dir, defaults=model_defaults(), seed=seed)
 
 
@@ -241,9 +244,9 @@ def parse_args(argv=None):
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--dit-steps", type=int, default=12000)
     p.add_argument("--dit-batch", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default). The documented "
-                   "run used 2 on an otherwise idle 2-core machine; use 1 if other jobs share the CPU (more "
-                   "threads than free cores spin-wait and run far slower)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default). The "
+                   "documented run used 2 on an otherwise idle 2-core machine; use 1 if other jobs share the "
+                   "CPU (more threads than free cores spin-wait and run far slower)")
     return p.parse_args(argv)
 
 
@@ -288,7 +291,8 @@ def main(argv=None):
     vae_cfg = {**VAE, "scaling_factor": round(scale_f, 4), "shift_factor": round(shift_f, 4)}
     vae.cfg = M.VAEConfig.from_dict(vae_cfg)
     latents = (mean - vae_cfg["shift_factor"]) * vae_cfg["scaling_factor"]
-    log(f"latents: {tuple(latents.shape)}, scaling {vae_cfg['scaling_factor']}, shift {vae_cfg['shift_factor']}")
+    log(f"latents: {tuple(latents.shape)}, scaling {vae_cfg['scaling_factor']}, "
+        f"shift {vae_cfg['shift_factor']}")
 
     te, dit = train_dit(latents, labels, tok, work, args.dit_steps, args.dit_batch, args.seed)
     export(out, tok_dir, vae, te, dit, vae_cfg, args.seed)
