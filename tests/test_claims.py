@@ -1,0 +1,126 @@
+"""bench/claims.py's pure logic, without training: the run list, resumability, and the report (mean ± sd,
+verdict rules, "not run") from synthetic result files."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import claims  # noqa: E402
+import claims_report as R  # noqa: E402
+
+
+def test_every_claim_point_is_a_known_run():
+    for c in claims.CLAIMS.values():
+        for name in c.points:
+            assert claims.point(name).name in claims.POINTS
+
+
+def test_jobs_are_unique_ordered_by_priority_and_seeded_only_where_training():
+    jobs = claims.jobs(list(claims.CLAIMS), 3)
+    keys = [j.key for j in jobs]
+    assert len(keys) == len(set(keys))
+    assert keys[0] == "esd-gated-all-s0"  # claim 1 first
+    assert "fixed-0-s0" not in keys and "losses-erase,attn-s0" in keys  # an alias is trained once
+    assert "zeroing" in keys and not any(k.startswith("zeroing-") for k in keys)  # deterministic: once
+    assert keys.index("merge-5-s0") > max(keys.index(f"alone-{c}-s0") for c in ("star", "green", "circle"))
+    merge = next(j for j in jobs if j.key == "merge-2-s1")
+    assert merge.after == ("default-s1", "alone-star-s1")
+    first_of_seed_1 = keys.index("esd-gated-all-s1")
+    assert all(j.seed == 0 for j in jobs[:first_of_seed_1]) and keys.index("merge-5-s0") < first_of_seed_1
+
+
+def test_claims_selection():
+    keys = [j.key for j in claims.jobs([2, 6], 3)]
+    assert keys == ["zeroing", "default-s0", "localize-k1", "localize-k2", "localize-k4", "default-s1",
+                    "default-s2"]
+
+
+def test_a_run_with_a_result_is_skipped(tmp_path):
+    jobs = claims.jobs([2], 1)
+    assert [j.key for j in claims.todo(jobs, tmp_path)] == ["zeroing", "default-s0"]
+    claims.result_path(tmp_path, "zeroing").parent.mkdir(parents=True)
+    claims.result_path(tmp_path, "zeroing").write_text("{}")
+    assert [j.key for j in claims.todo(jobs, tmp_path)] == ["default-s0"]
+
+
+def report(acc_e, acc_ir, variants=(0.0, 0.0, 0.0, 0.0)):
+    """A synthetic erasure_report with the fields the report reads; the base model at Acc_e 1, Acc_ir 0.9."""
+    ba = (lambda b, e: {"base": b, "erased": e})  # noqa: E731
+    return {"concept": "Van Gogh", "Acc_e": ba(1.0, acc_e), "Acc_ir": ba(0.9, acc_ir),
+            "Acc_e_variants": {v: ba(1.0, x) for v, x in zip(R.VARIANTS, variants)},
+            "content_kept": {"entity": ba(1.0, 0.9), "colour": ba(0.8, 0.7)},
+            "neutral": {"style": ba(1.0, 1.0)}, "unconditional": {"FD": 1.5}, "FD": 2.5}
+
+
+def write_result(out, name, seed, rep, **extra):
+    key = claims.job_key(name, seed)
+    path = claims.result_path(out, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "point": name, "report": rep, **extra}))
+
+
+def test_summary_is_mean_and_sd_over_seeds(tmp_path):
+    for s, acc in enumerate([0.4, 0.6]):
+        write_result(tmp_path, "default", s, report(0.1, acc))
+    s = R.summary(R.load(tmp_path), "default")
+    assert s["Acc_ir"][0] == pytest.approx(0.5) and s["Acc_ir"][1] == pytest.approx(0.1414, abs=1e-3)
+    assert s["Acc_ir"][2] == 2 and s["kept"][0] == pytest.approx(0.8)
+    assert R.fmt(s["Acc_ir"]) == "0.50 ± 0.14" and R.fmt((0.5, None, 1)) == "0.50"
+    assert R.fmt(None) == "not run"
+    assert R.summary(R.load(tmp_path), "nogate") is None
+
+
+def summaries(**points):
+    """get(name) over synthetic summaries: points maps a name to (Acc_e, Acc_ir[, variants])."""
+    made = {n: R.measures(report(*v)) for n, v in points.items()}
+    return lambda name, concept=None: ({k: (x, None, 1) for k, x in made[name].items()}
+                                       if name in made else None)
+
+
+BASE = R.measures(report(0.0, 0.0), "base")  # Acc_e 1.0, Acc_ir 0.9
+
+
+def test_verdict_1_rules():
+    full = {f"esd-{g}-{s}": (0.0, 0.85 if g == "gated" else 0.3)
+            for s in R.LAYER_SETS for g in ("gated", "ungated")}
+    assert R.verdict_1(summaries(**full), BASE)[0] == "reproduced"
+    some = {**full, "esd-gated-first": (0.0, 0.5)}  # gated helps (+0.2) but loses 0.4 there
+    assert R.verdict_1(summaries(**some), BASE)[0] == "partly"
+    none = {n: (0.0, 0.3) for n in full}
+    assert R.verdict_1(summaries(**none), BASE)[0] == "not reproduced"
+    assert R.verdict_1(summaries(), BASE) == R.NOT_RUN
+
+
+def test_verdict_2_rules():
+    brittle = dict(zeroing=(0.0, 0.9, (0.2, 0.9, 0.9, 0.6)), default=(0.0, 0.9, (0.0, 0.1, 0.1, 0.0)))
+    assert R.verdict_2(summaries(**brittle), BASE)[0] == "reproduced"
+    robust = dict(zeroing=(0.0, 0.9, (0.0, 0.1, 0.0, 0.0)), default=(0.0, 0.9))
+    assert R.verdict_2(summaries(**robust), BASE)[0] == "not reproduced"
+    only_zeroing = dict(zeroing=brittle["zeroing"])
+    assert R.verdict_2(summaries(**only_zeroing), BASE)[0] == "partly"
+
+
+def test_verdict_3_and_4_rules():
+    binary = {"fixed-0.01": (0.0, 0.3), "fixed-100": (1.0, 0.9), "eps-1e-3": (0.0, 0.88)}
+    assert R.verdict_3(summaries(**binary), BASE)[0] == "reproduced"
+    static_ok = {**binary, "fixed-1": (0.0, 0.88)}
+    assert R.verdict_3(summaries(**static_ok), BASE)[0] == "not reproduced"
+    mono = {"eps-1e-4": (0.5, 0.9), "eps-1e-3": (0.1, 0.88), "eps-1e-2": (0.0, 0.7),
+            "beta-0.01": (0.1, 0.85), "beta-1": (0.15, 0.9)}
+    assert R.verdict_4(summaries(**mono), BASE)[0] == "reproduced"
+    assert R.verdict_4(summaries(**{**mono, "eps-1e-2": (0.6, 0.7)}), BASE)[0] == "partly"
+
+
+def test_report_marks_unfinished_points_not_run(tmp_path):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    write_result(out, "zeroing", 0, report(0.0, 0.9, (0.2, 0.9, 0.9, 0.6)))
+    for s in range(2):
+        write_result(out, "default", s, report(0.0, 0.9 - 0.1 * s, (0.0, 0.1, 0.1, 0.0)))
+    text = R.write(out, docs, [1, 2], seeds=3).read_text()
+    assert "1. Naive fine-tuning collapses, the gate prevents it: **not run**" in text
+    assert "2. Attention zeroing erases but is brittle: **reproduced**" in text
+    assert "| default | 2 | 0.00 ± 0.00 | " in text and "0.85 ± 0.07" in text  # Acc_ir over two seeds
+    assert "| esd-gated-all | 0 | not run |" in text
+    assert (docs / "claims" / "claim2.png").exists()
