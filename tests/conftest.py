@@ -43,7 +43,8 @@ def bf16_cpu():
     can die with SIGILL, which would end pytest itself, so the probe runs in a subprocess."""
     import subprocess
     import sys
-    code = ("import torch; import torch.nn.functional as F; a = torch.randn(2, 2, 64, 64, dtype=torch.bfloat16); "
+    code = ("import torch; import torch.nn.functional as F; "
+            "a = torch.randn(2, 2, 64, 64, dtype=torch.bfloat16); "
             "F.linear(a, a[0, 0]).sum().item(); F.scaled_dot_product_attention(a, a, a).sum().item()")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     if r.returncode != 0:

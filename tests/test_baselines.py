@@ -62,8 +62,8 @@ def dit_inputs(cfg, sizes=SIZES, cap_lens=CAP_LENS, seed=0):
 
 
 def caption_layers(dit):
-    """(attention module, row of caption token 0 per item, real rows per item) of every layer that sees the
-    caption: the unified layers (image rows first, then the caption) and the context refiner (caption only)."""
+    """(attention module, row of caption token 0 per item, real rows per item) of every layer that sees
+    the caption: the unified layers (image rows, then the caption) and the context refiner (caption only)."""
     n_img = [pad32(n) for n in patches()]
     unified = [(b.attention, n_img, [a + pad32(n) for a, n in zip(n_img, CAP_LENS)]) for b in dit.layers]
     refiner = [(b.attention, [0, 0], [pad32(n) for n in CAP_LENS]) for b in dit.context_refiner]
@@ -153,7 +153,8 @@ def test_the_attention_weights_applied_to_the_concept_columns_are_exactly_zero(r
             dit(*dit_inputs(dit.cfg))
         for m, offsets, real in layers:
             for i, (off, n) in enumerate(zip(offsets, real)):
-                g = torch.autograd.grad(outs[m.to_out[0]][i, :n].sum(), leaves[m.to_v], retain_graph=True)[0][i]
+                h_sum = outs[m.to_out[0]][i, :n].sum()  # item i's real rows of h
+                g = torch.autograd.grad(h_sum, leaves[m.to_v], retain_graph=True)[0][i]
                 cols = [off + j for j in CONCEPT[i]]
                 others = [r for r in range(n) if r not in cols]
                 assert (g[others] > 0).all()
@@ -249,7 +250,8 @@ def test_blocks_before_the_first_chosen_layer_and_other_items_are_the_base_model
             for b in blocks:
                 hooks.post(b, lambda mod, a, out: seen[mod].append(out))
             out = dit(*inputs)
-        runs.append(({b: s[-1] for b, s in seen.items()}, out))  # the last call: the sampler's (not the null pass)
+        # each block's last call: the sampler's, not the null pass
+        runs.append(({b: s[-1] for b, s in seen.items()}, out))
     (base, base_out), (loc, loc_out) = runs
     first = dit.layers[min(chosen)]
     for b in blocks:

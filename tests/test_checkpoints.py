@@ -1,8 +1,9 @@
 """The random test checkpoints have the real Z-Image-Turbo layout and diffusers/transformers load them.
 
 These tests guard the fixtures that every parity test relies on: if a checkpoint here drifted from the
-real layout (Tongyi-MAI/Z-Image-Turbo's files) or from what the libraries accept, parity with diffusers would prove nothing.
-Also the contract of tiny/tokenizer.py: a Qwen2-compatible tokenizer (as transformers' Qwen2Tokenizer with Z-Image's chat template).
+real layout (Tongyi-MAI/Z-Image-Turbo's files) or from what the libraries accept, parity with diffusers
+would prove nothing. Also the contract of tiny/tokenizer.py: a Qwen2-compatible tokenizer (as
+transformers' Qwen2Tokenizer with Z-Image's chat template).
 """
 
 import hashlib

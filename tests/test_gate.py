@@ -294,7 +294,8 @@ def test_applying_two_lora_files_with_weights_adds_their_delta_ws(random_ckpt, t
         dit = load_dit(random_ckpt)
         Z.add_lora(dit, spec)
         randomize_lora_(dit, seed)
-        lora_file.save_lora(tmp_path / f"{name}.safetensors", dit, spec, lora_file.base_fingerprint(dit), {"concept": name})
+        lora_file.save_lora(tmp_path / f"{name}.safetensors", dit, spec, lora_file.base_fingerprint(dit),
+                            {"concept": name})
         single.append(Z.lora_modules(dit))
     dit = load_dit(random_ckpt)
     info = lora_file.apply_loras(dit, [tmp_path / "a.safetensors", tmp_path / "b.safetensors"], weights)

@@ -34,7 +34,8 @@ def ref_dit(random_ckpt):
     return ZImageTransformer2DModel.from_pretrained(random_ckpt, subfolder="transformer").eval()
 
 
-def _ref_dit(ref, latents: list[torch.Tensor], t: torch.Tensor, caps: list[torch.Tensor]) -> list[torch.Tensor]:
+def _ref_dit(ref, latents: list[torch.Tensor], t: torch.Tensor,
+             caps: list[torch.Tensor]) -> list[torch.Tensor]:
     out = ref([x[:, None] for x in latents], t, caps, return_dict=False)[0]  # diffusers wants (C, F=1, H, W)
     return [o[:, 0] for o in out]
 
@@ -65,7 +66,7 @@ def test_dit_stacked_batch_equals_list_batch(zi):
     """A stacked (B, C, H, W) tensor gives the same result as the list form."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, zi.transformer.cfg.in_channels, 6, 10, generator=g)
-    caps = [torch.randn(5, zi.transformer.cfg.cap_feat_dim, generator=g), torch.randn(9, zi.transformer.cfg.cap_feat_dim, generator=g)]
+    caps = [torch.randn(n, zi.transformer.cfg.cap_feat_dim, generator=g) for n in (5, 9)]
     t = torch.tensor([0.2, 0.7])
     with torch.no_grad():
         a = zi.transformer(x, t, caps)
@@ -76,12 +77,13 @@ def test_dit_stacked_batch_equals_list_batch(zi):
 def _ref_text(ref_te, tok, prompts):
     """The pipeline's encoding (diffusers ZImagePipeline._encode_prompt): chat template, pad to 512, mask,
     hidden_states[-2], keep the real tokens."""
-    text = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
-                                    enable_thinking=True) for p in prompts]
+    text = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                    add_generation_prompt=True, enable_thinking=True) for p in prompts]
     inp = tok(text, padding="max_length", max_length=512, truncation=True, return_tensors="pt")
     mask = inp.attention_mask.bool()
     h = ref_te(input_ids=inp.input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
-    return [h[i][mask[i]] for i in range(len(prompts))], [inp.input_ids[i][mask[i]].tolist() for i in range(len(prompts))]
+    items = range(len(prompts))
+    return [h[i][mask[i]] for i in items], [inp.input_ids[i][mask[i]].tolist() for i in items]
 
 
 @pytest.fixture(scope="module")
@@ -155,13 +157,14 @@ def test_dit_matches_diffusers_when_dim_exceeds_the_adaln_width(tmp_path):
     from diffusers import ZImageTransformer2DModel
     from tests.checkpoints import make_random_checkpoint
     ckpt = make_random_checkpoint(tmp_path / "wide", seed=2, transformer={
-        "dim": 288, "n_heads": 3, "n_kv_heads": 3, "axes_dims": [32, 32, 32], "n_layers": 1, "n_refiner_layers": 1})
+        "dim": 288, "n_heads": 3, "n_kv_heads": 3, "axes_dims": [32, 32, 32], "n_layers": 1,
+        "n_refiner_layers": 1})
     ours = C.load_transformer(ckpt / "transformer")
     ref = ZImageTransformer2DModel.from_pretrained(ckpt, subfolder="transformer").eval()
     assert ours.t_embedder.mlp[2].weight.shape[0] == 256
     g = torch.Generator().manual_seed(0)
     latents = [torch.randn(16, 6, 4, generator=g), torch.randn(16, 4, 4, generator=g)]
-    caps = [torch.randn(11, ours.cfg.cap_feat_dim, generator=g), torch.randn(3, ours.cfg.cap_feat_dim, generator=g)]
+    caps = [torch.randn(n, ours.cfg.cap_feat_dim, generator=g) for n in (11, 3)]
     t = torch.tensor([0.1, 0.9])
     with torch.no_grad():
         for o, r in zip(ours(latents, t, caps), _ref_dit(ref, latents, t, caps)):

@@ -59,7 +59,9 @@ def test_gradient_checkpointing_trains_the_same_lora(random_ckpt, tmp_path, mode
 def test_the_fingerprint_names_the_checkpoint_not_the_load_dtype(random_ckpt_bf16_te, tmp_path, bf16_cpu):
     """A LoRA trained on the fp32 load of a checkpoint applies to its bf16 load and vice versa; a fine-tuned
     copy of the model (pad token moved) still has another fingerprint."""
-    load = lambda dtype: C.load_zimage(random_ckpt_bf16_te, dtype=dtype, text_encoder=False, vae=False).transformer
+    def load(dtype):
+        return C.load_zimage(random_ckpt_bf16_te, dtype=dtype, text_encoder=False, vae=False).transformer
+
     fp32, bf16 = load(torch.float32), load(torch.bfloat16)
     assert lora_file.base_fingerprint(fp32) == lora_file.base_fingerprint(bf16)
     spec = Z.LoRASpec(layers=(0,))
@@ -88,7 +90,8 @@ def test_the_generic_preservation_list_leaves_out_prompts_that_name_the_concept(
 def test_a_preservation_set_that_only_names_the_concept_is_one_clear_error(random_ckpt, tmp_path, capsys):
     """If every preservation prompt names the concept, nothing is left to preserve: one error line, no file;
     a --preserve prompt that names it is refused the same way."""
-    for extra in (["--preserve", "a circle and a square"], ["--preserve", "a red star", "--preserve", "CIRCLE"]):
+    for extra in (["--preserve", "a circle and a square"],
+                  ["--preserve", "a red star", "--preserve", "CIRCLE"]):
         with pytest.raises(SystemExit) as e:
             train.main(small_args(random_ckpt, tmp_path / "x.safetensors", "--steps", "1", *extra))
         assert e.value.code not in (0, None)
@@ -101,8 +104,9 @@ def test_a_preservation_set_that_only_names_the_concept_is_one_clear_error(rando
 
 
 def test_the_jvp_change_equals_the_difference_in_fp32(random_ckpt, tmp_path):
-    """--gtilde jvp measures ∇L_pr(θ_mid)·Δθ; in fp32 it is the difference L_pr(after) − L_pr(before) of
-    Eq. 15 up to O(‖Δθ‖³), so both give the same g̃ and λ at every step (ε = 0, so λ moves), to the rounding of the difference."""
+    """--gtilde jvp measures ∇L_pr(θ_mid)·Δθ; in fp32 it is Eq. 15's difference L_pr(after) − L_pr(before)
+    up to O(‖Δθ‖³), so both give the same g̃ and λ at every step (ε = 0, so λ moves), up to the rounding of
+    the difference."""
     recs = {}
     for how in ("difference", "jvp"):
         out = tmp_path / f"{how}.safetensors"
@@ -110,7 +114,8 @@ def test_the_jvp_change_equals_the_difference_in_fp32(random_ckpt, tmp_path):
         recs[how] = records(out)
     assert all("L_pr_change" in r for r in recs["jvp"]) and all("L_pr_after" in r for r in recs["difference"])
     for a, b in zip(recs["difference"], recs["jvp"]):
-        assert b["L_pr_change"] == pytest.approx(a["L_pr_after"] - a["L_pr_before_measured"], rel=2e-2, abs=1e-12)
+        difference = a["L_pr_after"] - a["L_pr_before_measured"]
+        assert b["L_pr_change"] == pytest.approx(difference, rel=2e-2, abs=1e-12)
         assert b["g_tilde"] == pytest.approx(a["g_tilde"], rel=2e-2, abs=1e-9)
         assert b["lambda"] == pytest.approx(a["lambda"], rel=2e-2, abs=1e-9)
     assert max(r["lambda"] for r in recs["jvp"]) > 0
@@ -127,7 +132,8 @@ def test_in_bf16_g_tilde_follows_the_fp32_run_not_the_rounding(bf16_cpu, tmp_pat
         g[name] = [r["g_tilde"] for r in records(out)]
     eps = 1e-3  # Table 6, style
     assert all(abs(a - b) < eps / 4 for a, b in zip(g["bf16"], g["fp32"])), g
-    assert max(abs(a - b) for a, b in zip(g["bf16-difference"], g["fp32"])) > eps, g  # what the default avoids
+    # what the default avoids:
+    assert max(abs(a - b) for a, b in zip(g["bf16-difference"], g["fp32"])) > eps, g
 
 
 def test_attention_in_query_blocks_gives_the_same_velocity(random_ckpt):
@@ -135,8 +141,8 @@ def test_attention_in_query_blocks_gives_the_same_velocity(random_ckpt):
     the result: mixed sizes and caption lengths, block 7 (not a divisor of any length), within 1e-5."""
     dit = C.load_zimage(random_ckpt, text_encoder=False, vae=False).transformer
     g = torch.Generator().manual_seed(0)
-    x = [torch.randn(dit.cfg.in_channels, 4, 6, generator=g), torch.randn(dit.cfg.in_channels, 8, 8, generator=g)]
-    caps = [torch.randn(5, dit.cfg.cap_feat_dim, generator=g), torch.randn(40, dit.cfg.cap_feat_dim, generator=g)]
+    x = [torch.randn(dit.cfg.in_channels, h, w, generator=g) for h, w in ((4, 6), (8, 8))]
+    caps = [torch.randn(n, dit.cfg.cap_feat_dim, generator=g) for n in (5, 40)]
     t = torch.rand(2, generator=g)
     with torch.no_grad():
         whole = dit(x, t, caps)

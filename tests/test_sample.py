@@ -33,7 +33,8 @@ def assert_same_image(ours: np.ndarray, ref: np.ndarray):
 
 
 def run_cli(args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=cwd, capture_output=True, text=True)
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=cwd, capture_output=True,
+                          text=True)
 
 
 def test_cli_writes_the_same_png_as_diffusers(random_ckpt, tmp_path):

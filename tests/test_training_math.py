@@ -82,15 +82,16 @@ def test_pool_states_are_the_sampler_states_at_their_own_time(random_ckpt, tmp_p
     own guidance: 0 for the random checkpoint, CFG 3 for the tiny model), labelled with t = 1 − σ_k of that
     state; its references v_θ(x, ∅) and v_θ(x_pr, c_pr) are the base model at that (x, t)."""
     ckpt = random_ckpt if model == "random" else train.DEFAULT_MODEL
-    extra = [] if model == "random" else ["--model", str(ckpt), "--concept", "Van Gogh", "--category", "style",
-                                          "--resolution", "64"]
+    tiny = ["--model", str(ckpt), "--concept", "Van Gogh", "--category", "style", "--resolution", "64"]
+    extra = [] if model == "random" else tiny
     run = make_run(random_ckpt, tmp_path, *extra)
     base, zi = base_dit(ckpt), C.load_zimage(ckpt, vae=False)
     steps, guidance = zi.defaults.get("steps", 8), zi.defaults.get("guidance", 0.0)
     n, size = run.args.pool, run.args.resolution
     sigmas = turbo_sigmas(steps, zi.scheduler.shift)
+    c_pr = run.preserve.c_pr[:len(run.preserve) // steps]  # the prompt of each preservation trajectory
     for pool, conds, seed in ((run.erase, [run.erase.c_er[0]] * n, run.args.seed),
-                              (run.preserve, run.preserve.c_pr[:len(run.preserve) // steps], run.args.seed + 1)):
+                              (run.preserve, c_pr, run.args.seed + 1)):
         m = len(conds)
         x = initial_noise(m, base.cfg.in_channels, size, size, zi.vae_scale_factor, seed)
         for k in range(steps):
@@ -99,7 +100,8 @@ def test_pool_states_are_the_sampler_states_at_their_own_time(random_ckpt, tmp_p
             t = torch.full((m,), 1 - sigmas[k].item())
             torch.testing.assert_close(pool.t[rows], t)
             with torch.no_grad():
-                torch.testing.assert_close(pool.v_null[rows], base(x, t, [run.c_null] * m), rtol=1e-4, atol=1e-5)
+                v_null = base(x, t, [run.c_null] * m)
+                torch.testing.assert_close(pool.v_null[rows], v_null, rtol=1e-4, atol=1e-5)
                 if pool is run.preserve:
                     torch.testing.assert_close(pool.v_c[rows], base(x, t, conds), rtol=1e-4, atol=1e-5)
             x = denoise(base, x, conds, sigmas[k:k + 2], [run.c_null] * m, guidance)
@@ -154,7 +156,11 @@ def test_g_tilde_measures_after_on_the_samples_it_measured_before(random_ckpt, t
     "before" (same states, times and prompts), and a carried "before" is one on the same samples."""
     seen = []
     real = train.pr_value
-    monkeypatch.setattr(train, "pr_value", lambda run, batch: seen.append((run.step, batch)) or real(run, batch))
+    def recording(run, batch):
+        seen.append((run.step, batch))
+        return real(run, batch)
+
+    monkeypatch.setattr(train, "pr_value", recording)
     run = make_run(random_ckpt, tmp_path, "--eps", "0", "--pr-batch", "2")
     batches = []
     for step in range(4):

@@ -157,7 +157,8 @@ def test_caption_names_exactly_what_the_labels_say(index, seed):
         for category, concepts in found.items():
             assert concepts == {truth[category]}, (caption, labels)
             assert labels.named[category] in caption
-            forms = world.PLAIN_WORDS if truth[category] == "none" else world.NAMES[truth[category]].train_forms()
+            shown = truth[category]
+            forms = world.PLAIN_WORDS if shown == "none" else world.NAMES[shown].train_forms()
             assert labels.named[category].lower() in {f.lower() for f in forms}   # lower-cased captions
 
 
