@@ -38,7 +38,7 @@ def run_cli(args, cwd=ROOT):
 
 
 def test_cli_writes_the_same_png_as_diffusers(random_ckpt, tmp_path):
-    """The acceptance command line, run as a subprocess, reproduces ZImagePipeline's image (guidance 0)."""
+    """sample.py run from the command line (a subprocess) reproduces ZImagePipeline's image (guidance 0)."""
     out = tmp_path / "x.png"
     r = run_cli(["--model", str(random_ckpt), "--prompt", "a red star", "--seed", "7", "--height", "64",
                  "--width", "96", "--steps", "8", "--guidance", "0", "--device", "cpu", "--dtype", "float32",
