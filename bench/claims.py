@@ -10,7 +10,8 @@ summarised in docs/claims.md with one verdict per claim (bench/claims_report.py)
 
 Resumable: a run whose result JSON (<out>/results/<key>.json) exists is skipped, and LoRAs are kept under
 <out>/loras/. Each run is one process (`nice -n 19`, one torch thread), so -j processes run side by side.
-Runs are ordered by priority: at the first seed claims 1, 2, 5, 6, then 3, 4, 7, 8, 9; then the next seeds.
+Runs are ordered by priority: at the first seed claims 2, 6 (the default LoRA and the baselines, cheap), 1, 5,
+then 3, 4, 7, 8, 9; then the next seeds. A run already in flight (another runner's) is not started again.
 The baselines of claims 2 and 6 (baselines.py) involve no training and are deterministic: one run each.
 """
 from __future__ import annotations
@@ -106,7 +107,7 @@ CLAIMS = {
     9: Claim("Multi-concept merging (Eq. 63): 2, 3, 5 averaged LoRAs vs each alone",
              tuple(alone(c) for c in MERGE_CONCEPTS) + ("merge-2", "merge-3", "merge-5")),
 }
-PRIORITY = (1, 2, 5, 6, 3, 4, 7, 8, 9)
+PRIORITY = (2, 6, 1, 5, 3, 4, 7, 8, 9)
 
 
 def point(name: str) -> Point:
@@ -164,8 +165,21 @@ def result_path(out: Path, key: str) -> Path:
 
 
 def todo(all_jobs: list[Job], out: Path) -> list[Job]:
-    """The jobs whose result JSON does not exist yet (resumability)."""
-    return [j for j in all_jobs if not result_path(out, j.key).exists()]
+    """The jobs whose result JSON does not exist yet (resumability) and that no live process is running."""
+    return [j for j in all_jobs if not result_path(out, j.key).exists() and not in_flight(out, j.key)]
+
+
+def marker(out: Path, key: str) -> Path:
+    return out / "running" / key
+
+
+def in_flight(out: Path, key: str) -> bool:
+    """Whether the process named in the job's marker file is alive."""
+    try:
+        os.kill(int(marker(out, key).read_text()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,6 +260,9 @@ def run_job(name: str, seed: int, out: Path, quick: bool) -> None:
     import lora_file
     from tiny.classifier import load_classifier
     p, t0 = point(name), time.time()
+    flag = marker(out, job_key(name, seed))
+    flag.parent.mkdir(parents=True, exist_ok=True)
+    flag.write_text(str(os.getpid()))
     base, clf = C.load_zimage(E.DEFAULT_MODEL), load_classifier()
     cache = E.ImageCache(OUT / "cache")  # base images, shared by every run (full and quick)
     seeds, sizes = (QUICK_SEEDS, E.Sizes.from_n(1)) if quick else (EVAL_SEEDS, E.Sizes.from_n(EVAL_N))
@@ -275,6 +292,7 @@ def run_job(name: str, seed: int, out: Path, quick: bool) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(res))
     os.replace(tmp, path)
+    flag.unlink(missing_ok=True)
 
 
 def save_strip(model, path: Path) -> None:
