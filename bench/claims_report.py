@@ -390,24 +390,23 @@ def drift_plot(path: Path, out: Path, seeds: int) -> bool:
     return True
 
 
-def image_grid(path: Path, out: Path, names: list[str]) -> bool:
-    """The seed-0 images of each point (rows) for the prompts of claims.STRIP (columns)."""
+def image_grid(path: Path, out: Path, names: list[str], scale: int = 2) -> bool:
+    """The seed-0 images of each point (rows, labelled) for the prompts of claims.STRIP (columns)."""
+    from PIL import Image, ImageDraw
     files = [(n, out / "images" / f"{job_key(n, 0)}.png") for n in names]
-    files = [(n, f) for n, f in files if f.exists()]
-    if not files:
+    strips = [(n, Image.open(f).convert("RGB")) for n, f in files if f.exists()]
+    if not strips:
         return False
-    from PIL import Image
-    plt = _plt()
-    fig, axes = plt.subplots(len(files), 1, figsize=(1.3 * len(STRIP), 1.35 * len(files)), squeeze=False)
-    for ax, (n, f) in zip(axes[:, 0], files):
-        ax.imshow(Image.open(f))
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel(n, rotation=0, ha="right", va="center", fontsize=7)
-    axes[0, 0].set_title(" | ".join(STRIP), fontsize=5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    w, h = strips[0][1].size
+    pad, head = 150, 14
+    grid = Image.new("RGB", (pad + w * scale, head + h * scale * len(strips)), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, prompt in enumerate(STRIP):
+        draw.text((pad + k * w * scale // len(STRIP) + 2, 1), prompt[:21], fill="black")
+    for i, (n, img) in enumerate(strips):
+        grid.paste(img.resize((w * scale, h * scale), Image.NEAREST), (pad, head + i * h * scale))
+        draw.text((4, head + i * h * scale + h * scale // 2 - 5), n, fill="black")
+    grid.save(path)
     return True
 
 
@@ -425,6 +424,18 @@ COLUMNS_OF = {2: ("Acc_e",) + VARIANTS + ("variants", "Acc_ir", "FD"),
 BARS_OF = {1: ("Acc_e", "Acc_ir", "kept", "neutral"), 2: ("Acc_e",) + VARIANTS,
            5: ("Acc_e", "variants", "Acc_ir"), 6: ("Acc_e", "Acc_ir", "H_a"), 7: ("Acc_e", "Acc_ir"),
            9: ("Acc_e", "Acc_ir")}
+NOTES = {
+    1: "Part (c) of the claim, full fine-tuning of the shared to_q/to_k/to_v weights without a LoRA, is not "
+       "run: it is not implemented (it needs a training loop of its own with a kept copy of θ_0 for the "
+       "frozen references), and the CPU time of this bench went to (a) and (b).",
+    2: "Zeroing is given the canonical spelling only (baselines.attention_zeroing, every unified and "
+       "context-refiner layer); the variants are the evaluation's aliases, misspellings, held-out spellings "
+       "and paraphrase templates, never seen by either method.",
+    6: "baselines.localize picks the top-K unified layers by the attention mass image queries put on the "
+       "concept's tokens over 8 calibration prompts (not the evaluation's); baselines.dit_localization then "
+       "substitutes the empty caption's attention input for the caption rows in those layers.",
+    7: "Times are of runs that shared the CPU with other jobs: a ratio within one pair is indicative only.",
+}
 VERDICTS = {1: verdict_1, 2: verdict_2, 3: verdict_3, 4: verdict_4, 5: verdict_5, 6: verdict_6, 7: verdict_7,
             9: verdict_9}
 
@@ -450,6 +461,7 @@ def section(n: int, get, base: dict, out: Path, plots: Path, seeds: int) -> tupl
     else:
         rows = claim_rows(n, get)
         lines += [table(rows, COLUMNS_OF.get(n, COLUMNS), None if n == 9 else base), ""]
+        lines += [NOTES[n], ""] if n in NOTES else []
         if missing := [lab for lab, s in rows if s is None]:
             lines += ["Not run: " + ", ".join(missing) + ".", ""]
         verdict, text = VERDICTS[n](get, base)
