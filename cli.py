@@ -3,6 +3,7 @@ Command-line plumbing shared by train.py, sample.py and evaluate.py: one-sentenc
 from flags, and writes that never leave a partial file.
 """
 import argparse
+import difflib
 import math
 import os
 import sys
@@ -69,7 +70,22 @@ def check_output(path, flag: str, suffixes: tuple[str, ...], extra_names: tuple[
     if len(longest.encode()) > limit:
         raise ValueError(f"{flag}: the file name {path.name!r} is too long for this file system ({limit} "
                          f"bytes with the names derived from it); choose a shorter name.")
+    _probe(folder, path, flag)
     return path
+
+
+def _probe(folder: Path, path: Path, flag: str) -> None:
+    """Create and remove the temporary file atomic_write will use: os.access answers yes for root, and on
+    read-only mounts or special folders (/proc), where only trying tells."""
+    probe = folder / f".{path.name}.tmp{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        probe.unlink()
+    except FileExistsError:
+        pass  # this process is writing it right now: the folder is writable
+    except OSError as e:
+        raise ValueError(f"{flag} {str(path)!r}: a file cannot be created in {str(folder)!r} "
+                         f"({e.strerror}); choose a writable place.") from None
 
 
 def number(flag: str, value: float, *, low: float | None = None, strict: bool = False) -> float:
@@ -87,6 +103,30 @@ def text(flag: str, value: str) -> str:
     except UnicodeEncodeError:
         raise ValueError(f"{flag} is not valid UTF-8 text; pass it in UTF-8.") from None
     return value
+
+
+def check_folder(path, flag: str) -> Path:
+    """A folder a command will write into: created if missing, and a file can be created in it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {str(path)!r} cannot be created ({e.strerror}); choose another place.") \
+            from None
+    _probe(path, path / "probe", flag)
+    return path
+
+
+def lookup(flag: str, value: str, known, what: str) -> str:
+    """`value` as `known` spells it (any case, blanks around it ignored); else a ValueError naming the flag
+    with the nearest names (did you mean), or all of them when none is near."""
+    value = value.strip()
+    if match := next((k for k in known if k.lower() == value.lower()), None):
+        return match
+    near = difflib.get_close_matches(value.lower(), [k.lower() for k in known], n=3, cutoff=0.6)
+    hint = (f"did you mean {' or '.join(repr(k) for k in known if k.lower() in near)}?" if near else
+            f"it is one of {', '.join(known)}.")
+    raise ValueError(f"{flag} {value!r}: {what}; {hint}")
 
 
 @contextmanager
@@ -126,11 +166,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The module docstring as written, and every flag's default after its help."""
 
     def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text \
-                and not action.option_strings == ["-h", "--help"]:
-            text += " (default: %(default)s)"
-        return text
+        text, default = action.help or "", action.default
+        # `is` tests: a default of 0 (== False) is shown; store_true flags (False), unset ones (None) and
+        # empty repeatable lists are not
+        if default is None or default is False or default is argparse.SUPPRESS or default == [] \
+                or "%(default)" in text or action.option_strings == ["-h", "--help"]:
+            return text
+        return text + (" (default: empty)" if default == "" else " (default: %(default)s)")
 
 
 def parse_dtype(name: str) -> torch.dtype:
