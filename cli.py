@@ -179,7 +179,7 @@ def parse_dtype(name: str) -> torch.dtype:
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; use one of float32, bfloat16, float16.")
+        raise ValueError(f"--dtype: unknown dtype {name!r}; use one of float32, bfloat16, float16.")
     return table[name]
 
 
@@ -187,13 +187,13 @@ def parse_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps.") from None
+        raise ValueError(f"--device: unknown device {name!r}; use cpu, cuda, cuda:N or mps.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available here; use --device cpu.")
+        raise ValueError(f"--device {name!r} was asked for but CUDA is not available here; use --device cpu.")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} was asked for but MPS is not available here; use --device cpu.")
+        raise ValueError(f"--device {name!r} was asked for but MPS is not available here; use --device cpu.")
     if dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unsupported device {name!r}; use cpu, cuda, cuda:N or mps.")
+        raise ValueError(f"--device: unsupported device {name!r}; use cpu, cuda, cuda:N or mps.")
     return dev
 
 

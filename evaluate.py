@@ -52,7 +52,9 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,9 +64,10 @@ import torch
 import checkpoint as C
 import lora_file
 import zerase as Z
-from cli import atomic_write, die
+from cli import (HelpFormatter, OutputError, atomic_write, check_folder, check_output, die, lookup, stage,
+                 text)
 from model import CheckpointError, to_uint8
-from sample import DEFAULT_MODEL, TURBO, denoise, initial_noise, turbo_sigmas
+from sample import DEFAULT_MODEL, TURBO, check_loras, denoise, initial_noise, turbo_sigmas
 from tiny import world
 from tiny.classifier import HEADS, frechet_distance, load_classifier, score
 
@@ -647,62 +650,149 @@ def format_base_table(res: dict) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(DEFAULT_MODEL))
-    p.add_argument("--lora", action="append", help="LoRA file(s) to evaluate (averaged per Eq. 63)")
-    p.add_argument("--concept", action="append", help="erased concept(s) to score (default: from the LoRAs)")
-    p.add_argument("--prompts", type=int, default=20, help="canonical prompts per concept; the other sets "
-                   "scale with it (20: 12 per variant, 8 per other concept, 24 content, 32 neutral, "
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="Z-Image checkpoint directory; the classifier "
+                   "reads the embedded tiny model's world")
+    p.add_argument("--lora", action="append", help="LoRA file(s) to evaluate (averaged per Eq. 63); without "
+                   "one, the base model's per-concept table")
+    p.add_argument("--concept", action="append", help="erased concept(s) to score, any case (repeatable; "
+                   "needs --lora); default: the concepts the LoRAs were trained on")
+    p.add_argument("--prompts", type=int, default=20, help="canonical prompts per concept, >= 1; the other "
+                   "sets scale with it (20: 12 per variant, 8 per other concept, 24 content, 32 neutral, "
                    "128 empty)")
-    p.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
+    p.add_argument("--seeds", type=int, default=4, help="seeds per prompt, >= 1")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="folder of cached base-model images")
     p.add_argument("--no-cache", action="store_true", help="draw every base image afresh, store nothing")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    p.add_argument("--json", help="also write the figures to this JSON file")
-    p.add_argument("--grid", help="write a style x entity image grid of the base model to this PNG and stop")
+    p.add_argument("--threads", type=int, help="torch threads, >= 1 (default: torch's choice)")
+    p.add_argument("--json", help="also write the figures to this .json file")
+    p.add_argument("--grid", help="write a style x entity image grid of the base model to this .png and stop")
     p.add_argument("--reliability", action="store_true",
                    help="per style: each head on base images vs ground truth vs VAE round trips")
     return p
 
 
-def _run(args) -> dict | list | None:
-    """What main() does once the arguments are parsed: one of --grid, --reliability, the base table, or
-    the erasure report of each concept of the LoRAs."""
+def _check(args) -> list[str] | None:
+    """Every flag, before any weight loads (ValueError naming the flag and the fix); returns the concepts
+    to score with --lora (as the world spells them), else None."""
+    for flag in ("prompts", "seeds"):
+        if (v := getattr(args, flag)) < 1:
+            raise ValueError(f"--{flag} must be at least 1 (got {v}): every measure needs images to score.")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1 (got {args.threads}); leave it out for torch's choice.")
+    if args.grid and (args.lora or args.reliability or args.json):
+        raise ValueError("--grid draws the base model and stops; run it without --lora, --reliability and "
+                         "--json.")
+    if args.reliability and args.lora:
+        raise ValueError("--reliability scores the base model; run it without --lora.")
+    if args.concept and not args.lora:
+        raise ValueError("--concept names what a LoRA erased; pass the --lora to evaluate with it.")
+    cfgs = C.read_configs(args.model)
+    concepts = _concepts(args, cfgs) if args.lora else None
+    for flag, value, suffix in (("--json", args.json, ".json"), ("--grid", args.grid, ".png")):
+        if value:  # outputs last: checking creates a missing folder
+            check_output(text(flag, value), flag, (suffix,))
+    if not args.no_cache and not args.grid:
+        check_folder(args.cache, "--cache")
+    return concepts
+
+
+def _concepts(args, cfgs: C.Configs) -> list[str]:
+    """The concepts to score: --concept (any case), else those the LoRAs were trained on; each LoRA
+    checked against the model before it loads (sample.check_loras)."""
+    check_loras(args.lora, None, cfgs)
+    known = [c for cs in world.CONCEPTS.values() for c in cs]
+    if args.concept:
+        found = [lookup("--concept", c, known, "the classifier scores no such concept") for c in args.concept]
+        return list(dict.fromkeys(found))
+    erased = [lora_file.read_lora(f)[1]["concept"] for f in args.lora]
+    for f, c in zip(args.lora, erased):
+        if c not in known:
+            raise ValueError(f"--lora {f} erases {c!r}, which the classifier does not score; pass --concept "
+                             f"with one it does ({', '.join(known)}).")
+    return list(dict.fromkeys(erased))
+
+
+@contextmanager
+def progress(models: list, desc: str, total: int | None = None):
+    """A progress bar (stderr) of the images the models draw, fed by their DiTs' calls: the sampler calls
+    the DiT once per step for a batch of images (twice as many rows under CFG)."""
+    from tqdm import tqdm
+    bar, done, handles = tqdm(total=total, desc=desc, unit="img", file=sys.stderr), [0.0], []
+    for zi in models:
+        d = sampling_settings(zi)
+        rows_per_image = d["steps"] * (2 if d["guidance"] > 0 else 1)
+
+        def hook(module, inputs, rows_per_image=rows_per_image):
+            done[0] += len(inputs[0]) / rows_per_image
+            bar.update(round(done[0]) - bar.n)
+        handles.append(zi.transformer.register_forward_pre_hook(hook))
+    try:
+        yield bar
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+
+
+def _report_images(zi, concept: str, n: int, seeds: list[int], cache: ImageCache | None) -> int:
+    """How many images erasure_report(zi, ..., concept, n, seeds, cache=cache) will draw: every distinct
+    (prompt, seed) for the erased model, and those the cache lacks for the base model."""
+    sizes = Sizes.from_n(n)
+    unique = set(layout(prompt_sets(concept, sizes, 0), seeds, sizes.unconditional)[0])
+    cached = sum(cache.get(model_key(zi), *it) is not None for it in unique) if cache is not None else 0
+    return 2 * len(unique) - cached
+
+
+def _run(args, concepts: list[str] | None) -> dict | list | None:
+    """What main() does once the arguments are checked: one of --grid, --reliability, the base table, or
+    the erasure report of each concept."""
     seeds = list(range(args.seeds))
     cache = None if args.no_cache else ImageCache(args.cache)
-    zi, clf = C.load_zimage(args.model), load_classifier()
+    with stage("loading the model and the classifier"):
+        zi, clf = C.load_zimage(args.model), load_classifier()
     if args.grid:
-        style_grid(zi, args.grid)
+        with progress([zi], "drawing the grid", (len(world.STYLES) + 1) * 6):  # style_grid's 6 entities
+            style_grid(zi, args.grid)
         print(f"wrote {args.grid}")
         return None
     if args.reliability:
-        res = reliability(zi, clf, args.prompts, seeds, cache)
+        with progress([zi], "drawing base images"):
+            res = reliability(zi, clf, args.prompts, seeds, cache)
         print(format_reliability(res))
         return res
-    if not args.lora:
+    if not args.lora:  # base_table prints a line per concept as it goes: no bar needed
         print(f"base model: {args.prompts} held-out prompts x {args.seeds} seeds per concept")
         res = base_table(zi, clf, args.prompts, seeds, cache)
         print(format_base_table(res))
         return res
-    erased = C.load_zimage(args.model)
-    info = lora_file.apply_loras(erased.transformer, args.lora)
+    with stage(f"loading the model with {len(args.lora)} LoRA(s)"):
+        erased = C.load_zimage(args.model)
+        lora_file.apply_loras(erased.transformer, args.lora)
     res = []
-    for c in args.concept or [m["concept"] for m in info["metas"]]:
-        res.append(erasure_report(zi, erased, clf, c, args.prompts, seeds, cache=cache))
+    for c in concepts:
+        total = _report_images(zi, c, args.prompts, seeds, cache)
+        with progress([zi, erased], f"{c}: drawing images", total):
+            res.append(erasure_report(zi, erased, clf, c, args.prompts, seeds, cache=cache))
         print(format_report(res[-1]), flush=True)
     return res
 
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        res = _run(args)
-    except (CheckpointError, lora_file.LoRAFileError, ValueError, KeyError) as e:
-        die(str(e).strip("'\""))
-    if args.json and res is not None:
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(res, indent=2)))
+        concepts = _check(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        res = _run(args, concepts)
+        if args.json and res is not None:
+            atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(res, indent=2)))
+    except (CheckpointError, ValueError) as e:  # LoRAFileError is a ValueError
+        die(str(e))
+    except OutputError as e:
+        die(str(e), code=1)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)  # end the bar or stage line it interrupted
+        die("interrupted; no report was written (base images drawn so far stay in the cache).", code=130)
     return res
 
 

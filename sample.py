@@ -115,7 +115,7 @@ def check_size(zi, height: int, width: int) -> None:
                              f"(one DiT patch is {m} pixels); e.g. {flag} {max(m, v // m * m)}.")
 
 
-def parse_args(argv=None):
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="Z-Image checkpoint directory (HF layout)")
     p.add_argument("--prompt", action="append", help="prompt, at most 512 tokens with the chat template; "
@@ -140,7 +140,11 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default=None, help="DiT/text-encoder dtype: float32 (default on CPU) or "
                    "bfloat16 (default elsewhere)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return _parser().parse_args(argv)
 
 
 def parse_loras(specs: list[str]) -> tuple[list[str], list[float] | None]:
@@ -211,15 +215,18 @@ def check_prompts(tokenizer, prompts: list[str], negative: str) -> None:
 def check_loras(files: list[str], weights: list[float] | None, cfgs: Configs) -> None:
     """Each --lora readable, finite, for this base model and compatible with the others: read, and applied
     to a weightless DiT (as sampling will apply them), so a bad file is refused before the model loads."""
-    for f in files:
-        factors, _ = lora_file.read_lora(f)
-        if not all(torch.isfinite(t).all() for t in factors.values()):
-            raise ValueError(f"--lora {f} holds NaN or infinite values (its training diverged); train it "
-                             f"again, e.g. with a lower --lr.")
-    with torch.device("meta"):
-        dit = ZImageTransformer(cfgs.transformer)
-    dit.stored_values = read_stored(cfgs.path / "transformer", FINGERPRINT_TENSORS)
-    lora_file.apply_loras(dit, files, weights)
+    try:
+        for f in files:
+            factors, _ = lora_file.read_lora(f)
+            if not all(torch.isfinite(t).all() for t in factors.values()):
+                raise ValueError(f"--lora {f} holds NaN or infinite values (its training diverged); train "
+                                 f"it again, e.g. with a lower --lr.")
+        with torch.device("meta"):
+            dit = ZImageTransformer(cfgs.transformer)
+        dit.stored_values = read_stored(cfgs.path / "transformer", FINGERPRINT_TENSORS)
+        lora_file.apply_loras(dit, files, weights)
+    except lora_file.LoRAFileError as e:  # its messages begin with the file's name
+        raise lora_file.LoRAFileError(f"--lora {e}") from None
 
 
 def check(args) -> Job:
@@ -227,7 +234,6 @@ def check(args) -> Job:
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype) if args.dtype else None
     check_flags(args)
-    out = check_output(args.out, "--out", (".png",))
     cfgs = read_configs(args.model)
     d = {**TURBO, **cfgs.defaults}  # a checkpoint may store its own sampling defaults (zerase.json)
     height = d["height"] if args.height is None else args.height  # 0 is refused, not the default
@@ -241,6 +247,7 @@ def check(args) -> Job:
     if files:
         check_loras(files, weights, cfgs)
     scale = args.scale or (-(-COMPARE_TILE // min(height, width)) if args.compare else 1)
+    out = check_output(args.out, "--out", (".png",))  # last: it creates a missing folder
     return Job(device, dtype, height, width, args.steps or d["steps"],
                d["guidance"] if args.guidance is None else args.guidance, prompts, files, weights, scale, out)
 
