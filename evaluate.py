@@ -678,7 +678,8 @@ def _check(args) -> list[str] | None:
         if (v := getattr(args, flag)) < 1:
             raise ValueError(f"--{flag} must be at least 1 (got {v}): every measure needs images to score.")
     if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1 (got {args.threads}); leave it out for torch's choice.")
+        raise ValueError(f"--threads must be at least 1 (got {args.threads}); leave it out for torch's "
+                         f"choice.")
     if args.grid and (args.lora or args.reliability or args.json):
         raise ValueError("--grid draws the base model and stops; run it without --lora, --reliability and "
                          "--json.")

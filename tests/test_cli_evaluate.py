@@ -33,10 +33,11 @@ def no_loading(monkeypatch):
 
 
 CASES = [  # (argv, words the message must hold: the flag, and the fix)
-    (["--lora", "{zero}", "--concept", "Rembrandt"], ["--concept 'Rembrandt'", "it is one of Van Gogh, Monet"]),
+    (["--lora", "{zero}", "--concept", "Rembrandt"], ["--concept 'Rembrandt'",
+                                                      "it is one of Van Gogh, Monet"]),
     (["--lora", "{zero}", "--concept", "van gohg"], ["--concept 'van gohg'", "did you mean 'Van Gogh'?"]),
     (["--lora", "{unscored}"], ["--lora", "'Rembrandt'", "pass --concept with one it does"]),
-    (["--lora", "{tmp}/missing.safetensors"], ["--lora", "not a readable", "pass a LoRA written by train.py"]),
+    (["--lora", "{tmp}/missing.safetensors"], ["--lora", "not a readable", "pass a LoRA written by"]),
     (["--concept", "red"], ["--concept", "pass the --lora"]),
     (["--prompts", "0"], ["--prompts", "at least 1"]),
     (["--prompts", "-3"], ["--prompts", "at least 1"]),
@@ -88,7 +89,8 @@ def test_a_real_process_refuses_an_unknown_concept_without_a_traceback(loras, tm
 
 def test_the_json_is_written_atomically_and_a_failed_write_names_the_users_path(monkeypatch, tmp_path,
                                                                                  capsys):
-    """--json gets the figures; a full disk ends in one line naming --json's path (exit 1), no partial file."""
+    """--json gets the figures; a full disk ends in one line naming --json's path (exit 1), no partial
+    file."""
     monkeypatch.setattr(E, "_run", lambda args, concepts: {"H_a": 0.5})
     out = tmp_path / "r.json"
     E.main(["--json", str(out), "--no-cache"])

@@ -71,7 +71,7 @@ CASES = [  # (argv, words the message must hold: the flag, and the fix)
     (["--lora", "{zero}", "--lora", "{zero}:0.5"], ["--lora", "give a weight to every --lora or to none"]),
     (["--lora", "{nan}"], ["--lora", "NaN", "train it again"]),
     (["--lora", "{other base}"], ["--lora", "another base model", "train a LoRA for this model"]),
-    (["--lora", "{tmp}/missing.safetensors"], ["--lora", "not a readable", "pass a LoRA written by train.py"]),
+    (["--lora", "{tmp}/missing.safetensors"], ["--lora", "not a readable", "pass a LoRA written by"]),
     (["--height", "0"], ["--height 0", "multiples of 8", "e.g. --height 8"]),
     (["--height", "60"], ["--height 60", "multiples of 8", "e.g. --height 56"]),
     (["--width", "-8"], ["--width -8", "multiples of 8"]),
@@ -122,7 +122,8 @@ def test_a_real_process_refuses_undecodable_argv_in_one_line(tmp_path):
 def test_an_explicit_size_is_used_as_given(tmp_path):
     """--height/--width are never replaced by the model's size (0 used to mean 64): 16x24 comes out 16x24."""
     out = tmp_path / "s.png"
-    sample.main(["--prompt", "a red star", "--height", "16", "--width", "24", "--steps", "1", "--out", str(out)])
+    sample.main(["--prompt", "a red star", "--height", "16", "--width", "24", "--steps", "1",
+                 "--out", str(out)])
     assert np.asarray(Image.open(out)).shape == (16, 24, 3)
 
 
@@ -175,7 +176,8 @@ def test_compare_draws_base_above_erased_upscaled_to_256_pixels(loras, tmp_path)
     """--compare on the 32-px images of a zero LoRA: the default scale is 8 (256 px tiles), both rows are
     the plain sample of each prompt, upscaled nearest-neighbour, and the row names are there."""
     prompts = ["a red star", "a blue heart in the style of Monet"]
-    flags = [a for p in prompts for a in ("--prompt", p)] + ["--height", "32", "--width", "32", "--steps", "2"]
+    flags = [a for p in prompts for a in ("--prompt", p)]
+    flags += ["--height", "32", "--width", "32", "--steps", "2"]
     sample.main([*flags, "--lora", str(loras["zero"]), "--compare", "--out", str(tmp_path / "c.png")])
     sample.main([*flags, "--cols", "2", "--out", str(tmp_path / "plain.png")])
     img, plain = np.asarray(Image.open(tmp_path / "c.png")), np.asarray(Image.open(tmp_path / "plain.png"))
