@@ -21,16 +21,18 @@ import zerase as Z
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def refused(main, argv, capsys, code=2) -> str:
-    """main(argv) must end with SystemExit(code) and exactly one stderr line "error: ..."; returns it. Any
-    other exception propagates: it would have been a traceback."""
+def refused(main, argv, capsys, code=2, started=False) -> str:
+    """main(argv) must end with SystemExit(code) and exactly one stderr line "error: ..." (the only line,
+    unless the run had `started` and reported progress before); returns it. Any other exception propagates:
+    it would have been a traceback."""
     with pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == code, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:] and (started or len(lines) == 1), err
+    return lines[-1]
 
 
 def zero_lora(model: Path, out: Path, concept: str = "Van Gogh", nan: bool = False) -> Path:

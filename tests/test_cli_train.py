@@ -1,0 +1,263 @@
+"""train.py's command line, the cases tests/test_train.py does not cover: every bad input refused before
+anything loads in one `error:` line naming the flag and the fix, with no file left behind; concepts looked up
+in any case; resume refused when it would mix runs; one run per output; write failures that name the user's
+path; files with the user's umask, identical bytes for identical runs, setup stages and a summary reported.
+
+Refusals run in-process (`train.main`) with loading forbidden, so a check that came after loading fails the
+test (tests/test_train.py runs one as a real process).
+"""
+import argparse
+import errno
+import os
+import re
+import subprocess
+import sys
+from contextlib import redirect_stderr
+from io import StringIO
+from pathlib import Path
+
+import pytest
+
+import checkpoint as C
+import cli
+import lora_file
+import train
+from tests.checkpoints import make_random_checkpoint
+from tests.test_cli_sample import refused
+from tests.test_train import args
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(train.DEFAULT_MODEL)  # stores its 28 concepts
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+    monkeypatch.setattr(C, "load_zimage", forbidden)
+
+
+@pytest.fixture(scope="module")
+def finished(random_ckpt, tmp_path_factory):
+    """A finished 2-step run that kept its checkpoint, made under umask 022, with its stderr."""
+    out = tmp_path_factory.mktemp("finished") / "circle.safetensors"
+    old, err = os.umask(0o022), StringIO()
+    try:
+        with redirect_stderr(err):
+            train.main(args(random_ckpt, out, "--steps", "2", "--keep-checkpoint"))
+    finally:
+        os.umask(old)
+    return out, err.getvalue()
+
+
+def tiny(concept: str, *extra) -> list[str]:
+    return ["--model", TINY, "--concept", concept, *extra]
+
+
+LONG = "a bowl of fruit on a table " * 400  # ~2,800 tokens: the encoder reads 512
+CASES = [  # (argv, words the message must hold: the flag or value, and the fix)
+    (tiny("Rembrandt"), ["'Rembrandt'", "--list-concepts", "--force with --category"]),
+    (tiny("Rembrandt", "--category", "style"), ["'Rembrandt'", "--force"]),  # no useless LoRA any more
+    (tiny("Van Gohg"), ["did you mean 'Van Gogh'?"]),
+    (tiny("   ", "--category", "style"), ["--concept is missing or blank", "--concept \"Van Gogh\""]),
+    (tiny("van gogh", "--resume"), ["--resume", "no checkpoint", "run without --resume"]),
+    (tiny("van gogh", "--out", "{tmp}/x.pt"), ["--out", "must end with .safetensors"]),
+    (tiny("van gogh", "--out", "/proc/x.safetensors"), ["--out", "choose a writable place"]),
+    (tiny("van gogh", "--out", "{tmp}/" + "v" * 240 + ".safetensors"), ["--out", "too long", "shorter"]),
+    (tiny("van gogh", "--resolution", "17"), ["--resolution 17", "multiple of 8", "e.g. 16"]),
+    (tiny("van gogh", "--resolution", "-64"), ["--resolution", "positive number of pixels"]),
+    (tiny("van gogh", "--lr", "nan"), ["--lr", "finite number > 0"]),
+    (tiny("van gogh", "--layers", "a,b"), ["--layers 'a,b'", "e.g. 0,1,2"]),
+    (tiny("van gogh", "--layers", "0,0"), ["--layers '0,0'", "each once"]),
+    (tiny("van gogh", "--targets", "to_x"), ["--targets 'to_x'", "to_q, to_k or to_v"]),
+    (tiny("van gogh", "--rank", "0"), ["--rank", "at least 1"]),
+    (tiny("van gogh", "--pr-batch", "0"), ["--pr-batch", "at least 1"]),
+    (tiny("van gogh", "--beta", "inf"), ["--beta", "finite number >= 0"]),
+    (tiny("van gogh", "--eta", "-1"), ["--eta", "finite number >= 0"]),
+    (tiny("van gogh", "--lora-alpha", "0"), ["--lora-alpha", "finite number > 0"]),
+    (tiny("van gogh", "--preserve", LONG), ["tokens", "at most 512", "shorten it"]),
+    (tiny("van gogh", "--preserve", "a painting by van gogh"), ["--preserve", "must not contain"]),
+    (tiny("van gogh", "--preserve", "caf\udce9 table"), ["--alias/--preserve", "pass it in UTF-8"]),
+    (tiny("caf\udce9"), ["--concept", "pass it in UTF-8"]),
+    (tiny("van gogh", "--dtype", "float8"), ["--dtype", "use one of float32"]),
+    (tiny("van gogh", "--device", "tpu"), ["--device", "use cpu"]),
+    (["--model", "{tmp}/nowhere", "--concept", "star"], ["--model", "not a directory"]),
+]
+
+
+@pytest.mark.parametrize("argv, words", CASES, ids=[" ".join(a[2:])[:40] for a, _ in CASES])
+def test_bad_input_is_one_line_naming_the_flag_and_the_fix_before_loading(argv, words, tmp_path, capsys,
+                                                                          no_loading):
+    if any(a.startswith("/proc/") for a in argv) and not Path("/proc").is_dir():
+        pytest.skip("no /proc here")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    line = refused(train.main, argv + ([] if "--out" in argv else ["--out", str(tmp_path / "x.safetensors")]),
+                   capsys)
+    assert all(w in line for w in words), line
+    assert not list(tmp_path.iterdir())
+
+
+def test_steps_0_names_only_steps(tmp_path, capsys, no_loading):
+    """It used to list seven flags without saying which was wrong."""
+    line = refused(train.main, tiny("star", "--steps", "0", "--out", str(tmp_path / "x.safetensors")), capsys)
+    assert set(re.findall(r"--[a-z-]+", line)) == {"--steps"} and "at least 1 (got 0)" in line
+
+
+def test_concepts_are_found_in_any_case_and_unknown_ones_trained_only_with_force(tmp_path):
+    def plan(*extra):
+        return train.check(train.parse_args([*extra, "--out", str(tmp_path / "x.safetensors")]))
+    p = plan(*tiny("van gogh"))
+    assert (p.concept, p.category, p.out.name) == ("Van Gogh", "style", "x.safetensors")
+    assert plan(*tiny("  STAR ")).concept == "star"
+    p = plan(*tiny("Rembrandt", "--category", "style", "--force"))
+    assert (p.concept, p.category) == ("Rembrandt", "style")
+    assert train.check(train.parse_args(tiny("Van Gogh"))).out == Path("loras/van-gogh.safetensors")
+
+
+def test_list_concepts_prints_the_models_concepts_by_category(capsys):
+    assert train.main(["--model", TINY, "--list-concepts"]) is None
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("style (10): Van Gogh, Monet") and len(out) == 3
+    assert sum(int(re.search(r"\((\d+)\)", line)[1]) for line in out) == 28
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outputs, resume, one run per output
+
+
+def test_an_existing_lora_is_not_overwritten_without_force(finished, random_ckpt, capsys, no_loading):
+    out, _ = finished
+    line = refused(train.main, args(random_ckpt, out, "--steps", "2"), capsys)
+    assert f"{out} exists" in line and "--force" in line
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--concept", "star"], ["other settings", "concept: 'circle' there, 'star' now"]),
+    (["--rank", "8"], ["other settings", "rank: 4 there, 8 now"]),
+    (["--steps", "2"], ["at step 2", "pass a larger --steps"]),
+])
+def test_resume_is_refused_when_it_would_mix_runs(finished, random_ckpt, extra, words, capsys, no_loading):
+    """A checkpoint of other settings (another concept, another rank: a tensor-size traceback before) or at
+    its last step is refused, the differing setting named."""
+    out, _ = finished
+    before = sorted(out.parent.iterdir())
+    line = refused(train.main, args(random_ckpt, out, "--steps", "4", "--resume", *extra), capsys)
+    assert all(w in line for w in words) and "--resume" in line, line
+    assert sorted(out.parent.iterdir()) == before
+
+
+def test_resume_is_refused_on_another_base_model(finished, tmp_path, capsys, no_loading):
+    """Same architecture, other weights: the checkpoint's base-model fingerprint does not match."""
+    other = make_random_checkpoint(tmp_path / "other", seed=1)
+    capsys.readouterr()  # its progress bars
+    line = refused(train.main, args(other, finished[0], "--steps", "4", "--resume"), capsys)
+    assert "another base model" in line and "resume with the model it was trained on" in line
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_taken_over(random_ckpt, tmp_path, capsys,
+                                                                             monkeypatch):
+    out = tmp_path / "circle.safetensors"
+    lock = tmp_path / "circle.safetensors.lock"
+    lock.write_text(str(os.getppid()))  # a live process holds it
+    monkeypatch.setattr(train, "prepare", lambda a: pytest.fail("started although another run holds --out"))
+    line = refused(train.main, args(random_ckpt, out, "--steps", "2"), capsys)
+    assert f"another train.py (process {os.getppid()}) is writing {out}" in line and "wait for it" in line
+    assert sorted(tmp_path.iterdir()) == [lock]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    lock.write_text(dead)  # its process has gone
+    monkeypatch.undo()
+    assert train.main(args(random_ckpt, out, "--steps", "1")) == out and not lock.exists()
+
+
+class FullDisk:
+    """The run's log file, whose second write fails as on a full disk."""
+
+    def __init__(self, f):
+        self.f, self.name, self.writes = f, f.name, 0
+
+    def write(self, s):
+        self.writes += 1
+        if self.writes == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.f.write(s)
+
+    def flush(self):
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+def test_a_full_disk_during_training_names_the_out_and_leaves_no_file(random_ckpt, tmp_path, capsys,
+                                                                      monkeypatch):
+    real = train.open_log
+    monkeypatch.setattr(train, "open_log", lambda path, keep: FullDisk(real(path, keep)))
+    out = tmp_path / "circle.safetensors"
+    line = refused(train.main, args(random_ckpt, out, "--steps", "3"), capsys, code=1, started=True)
+    assert f"next to {out} (No space left on device)" in line
+    assert not list(tmp_path.iterdir())  # no LoRA, no partial log, no checkpoint, no lock
+
+
+def test_a_failed_lora_write_names_the_users_path_and_leaves_no_partial_file(random_ckpt, tmp_path, capsys,
+                                                                             monkeypatch):
+    def full(path, *a, **k):
+        def write(tmp):
+            Path(tmp).write_bytes(b"half a file")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        cli.atomic_write(path, write)
+    monkeypatch.setattr(lora_file, "save_lora", full)
+    out = tmp_path / "circle.safetensors"
+    line = refused(train.main, args(random_ckpt, out, "--steps", "2"), capsys, started=True)
+    assert f"could not write {out} (No space left on device)" in line and ".tmp" not in line
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp" in p.name or ".lock" in p.name]
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a finished run leaves and says
+
+
+def test_files_get_the_users_umask(finished):
+    out, _ = finished
+    for f in (out, out.with_suffix(".jsonl"), out.with_suffix(".ckpt.safetensors")):
+        assert f.stat().st_mode & 0o777 == 0o644, f  # umask 022; a temporary file's 0600 used to survive
+
+
+def test_two_identical_runs_write_identical_bytes(finished, random_ckpt, tmp_path):
+    """Timings go to the log, metadata is written in a fixed order: the same command, the same file."""
+    again = tmp_path / "circle.safetensors"
+    with redirect_stderr(StringIO()):
+        train.main(args(random_ckpt, again, "--steps", "2", "--keep-checkpoint"))
+    assert again.read_bytes() == finished[0].read_bytes()
+
+
+def test_setup_stages_are_reported_with_times_and_a_summary_ends_the_run(finished):
+    _, err = finished
+    for stage in ("loading the model", r"encoding \d+ prompts", "trajectory pools and frozen references"):
+        assert re.search(rf"^{stage}.* \.\.\. \d+\.\d s$", err, re.M), stage
+    assert re.search(r"finished 2 steps in \d+ s; smoothed L_erase [\d.]+, L_attn [\d.]+, L_pr \S+; λ from",
+                     err)
+
+
+def test_the_bar_shows_losses_smoothed():
+    """Bias-corrected moving averages: a constant loss shows as itself from step 1; a jumpy one is damped."""
+    s = train.Smoothed()
+    values = [s.update({"L_erase": v, "L_attn": 1.0, "L_pr": 0.0, "lambda": 0.0}) for v in [0.03, 4.4] * 10]
+    assert all(v["L_attn"] == pytest.approx(1.0) for v in values)
+    jumps = [v["L_erase"] for v in values[5:]]
+    assert max(jumps) - min(jumps) < 0.5 < 4.4 - 0.03
+
+
+def test_every_flag_has_help_and_its_default(monkeypatch):
+    parsers = []
+    real = argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
+                        lambda self, *a, **k: parsers.append(self) or real(self, *a, **k))
+    train.parse_args([])
+    p = parsers[0]
+    fmt = p.formatter_class(p.prog)
+    for a in p._actions[1:]:  # after -h
+        if a.help != argparse.SUPPRESS:  # --alpha, the old spelling of --lora-alpha
+            assert a.help, a.option_strings
+            if a.default not in (None, False, []):
+                assert "default" in fmt._expand_help(a), a.option_strings
