@@ -122,6 +122,12 @@ def add_sample_flags(p: argparse.ArgumentParser) -> None:
                    "after minus before (Eq. 15 as written); jvp = the same change as a directional "
                    "derivative ∇L_pr·Δθ at the step's midpoint (forward-mode AD), which bf16 rounding cannot "
                    "drown; auto: difference in float32, jvp in bfloat16/float16")
+    p.add_argument("--anchor", choices=["null", "content"], default="null",
+                   help="what Eq. 5's target is built around: null = v(x_t, ∅) on trajectories of the bare "
+                   "Table 7 prompt (ESD, the paper); content = each erase prompt pairs the concept with "
+                   "content from the preservation prompts that name no concept of its category (\"a red "
+                   "star, An art in the style of Monet\"), x_t comes from its trajectories, and the target "
+                   "is built around v(x_t, content), so the content is kept while the concept is removed")
     p.add_argument("--pr-batch", type=int, default=2, help="preservation samples (x_pr, c_pr) per step: "
                    "the Monte-Carlo size of Eq. 8's expectation, and of the L_pr measured for g̃ (Eq. 15)")
 
@@ -161,6 +167,31 @@ def concept_prompts(tokenizer: M.Tokenizer, concept: str, aliases: list[str], ca
                              f"write --concept exactly as it appears in prompts (or add --alias).")
         prompts.append(p)
         tokens.append(idx)
+    return prompts, tokens
+
+
+def content_prompts(defaults: dict, preserve: list[str] | None, category: str, names: list[str], n: int,
+                    seed: int) -> list[str]:
+    """--anchor content: n prompts of content to pair with the concept, drawn from the preservation prompts
+    (all categories the model stores, else --preserve, else GENERIC_PRESERVE) that name neither the concept
+    nor any other concept of its category: "a red star" for a style, "Monet, red" for an entity."""
+    same = [c for c, k in defaults.get("categories", {}).items() if k == category] + names
+    pool = preserve or [q for lst in defaults.get("preserve", {}).values() for q in lst] or GENERIC_PRESERVE
+    kept = sorted({q for q in pool if not Z.find_phrases(q, same)})
+    if not kept:
+        raise ValueError("--anchor content needs preservation prompts that name no concept of the category "
+                         f"{category!r}; pass some with --preserve.")
+    return random.Random(seed).sample(kept, min(n, len(kept)))
+
+
+def paired_prompts(tokenizer: M.Tokenizer, concept: str, aliases: list[str], category: str,
+                   contents: list[str]):
+    """--anchor content: erase prompt i = "<content i>, <Table 7 template of a name>" (names in turn) and its
+    concept tokens; the anchor of prompt i is content i itself."""
+    names = [concept] + aliases
+    prompts = [f"{c}, {TEMPLATE_BY_CATEGORY[category].format(names[i % len(names)])}"
+               for i, c in enumerate(contents)]
+    tokens = [Z.concept_token_indices(tokenizer.encode(q)[1], Z.find_phrases(q, names)) for q in prompts]
     return prompts, tokens
 
 
@@ -213,11 +244,12 @@ def frozen_velocities(dit, x: Tensor, sigma: Tensor, conds: list[Tensor], chunk:
 @dataclass
 class ErasePool:
     """D_er: states x_t of frozen trajectories under the concept prompt, and the erase prompts c_er."""
-    x: Tensor  # (n, C, h, w) fp32 states
+    x: Tensor  # (n, C, h, w) states
     t: Tensor  # (n,) the DiT's time t = 1 - σ
-    v_null: Tensor  # (n, C, h, w) v_θ(x_t, ∅), frozen (Eq. 5)
+    v_anchor: Tensor  # (n, C, h, w) frozen v_θ(x_t, ∅) of Eq. 5; --anchor content: v_θ(x_t, content)
     c_er: list[Tensor]  # encoded erase prompts (word-shuffled variants), each (L_variant, cap_feat_dim)
-    concept_tokens: list[list[int]]  # per variant: caption indices of the concept's tokens (Eq. 6)
+    concept_tokens: list[list[int]] | None = None  # per variant: caption indices of the concept's tokens
+    prompt_of: list[int] | None = None  # --anchor content: the erase prompt of each state's trajectory
 
 
 @dataclass
@@ -251,7 +283,8 @@ class PreservePool:
                              self.v_c[idx])
 
 
-def build_pools(zi: C.ZImage, args, c_er: list[Tensor], c_pr: list[Tensor], c_null: Tensor, size: int):
+def build_pools(zi: C.ZImage, args, c_er: list[Tensor], c_pr: list[Tensor], c_null: Tensor, size: int,
+                c_anchor: list[Tensor] = ()):
     """The pools and their frozen references, computed once before the LoRA exists (it would not change
     them: the LoRA is off for references). x_pr: at least one trajectory per preservation prompt. The
     references are the outputs the sampler already computed at those states (v_θ(x, ∅) too when it sampled
@@ -261,16 +294,20 @@ def build_pools(zi: C.ZImage, args, c_er: list[Tensor], c_pr: list[Tensor], c_nu
     def pool(conds: list[Tensor], seed: int):
         return trajectory_pool(zi, conds, c_null, seed, size, size, steps, guidance)
 
-    x_t, sigma_t, _, _, v_null = pool([c_er[0]] * args.pool, args.seed)
+    er_conds = [c_er[i % len(c_er)] for i in range(max(args.pool, len(c_er)))] if c_anchor else \
+        [c_er[0]] * args.pool  # --anchor content: a trajectory per erase prompt; else all under the first
+    x_t, sigma_t, er_idx, _, v_null = pool(er_conds, args.seed)
     conds = [c_pr[i % len(c_pr)] for i in range(max(args.pool, len(c_pr)))]  # a prompt per trajectory
     x_pr, sigma_pr, idx, v_pr, v_pr_null = pool(conds, args.seed + 1)  # v_pr = v_θ(x_pr, c_pr)
-    if v_null is None:  # sampled without CFG: the unconditional outputs are still to be computed
-        v_null = frozen_velocities(dit, x_t, sigma_t, [c_null] * len(x_t))  # v_θ(x_t, ∅)
+    if v_pr_null is None:  # sampled without CFG: the unconditional outputs are still to be computed
+        v_null = None if c_anchor else frozen_velocities(dit, x_t, sigma_t, [c_null] * len(x_t))  # (x_t, ∅)
         v_pr_null = frozen_velocities(dit, x_pr, sigma_pr, [c_null] * len(x_pr))  # v_θ(x_pr, ∅)
+    prompt_of = [int(i) % len(c_er) for i in er_idx] if c_anchor else None
+    v_anchor = frozen_velocities(dit, x_t, sigma_t, [c_anchor[i] for i in prompt_of]) if c_anchor else v_null
     dt = zi.dtype  # stored in the DiT's dtype, which is what the DiT casts its inputs to anyway
-    x_t, v_null, x_pr, v_pr, v_pr_null = (a.to(dt) for a in (x_t, v_null, x_pr, v_pr, v_pr_null))
-    return (x_t, 1 - sigma_t.to(zi.device), v_null), PreservePool(x_pr, 1 - sigma_pr.to(zi.device),
-                                                                  [conds[i] for i in idx], v_pr_null, v_pr)
+    x_t, v_anchor, x_pr, v_pr, v_pr_null = (a.to(dt) for a in (x_t, v_anchor, x_pr, v_pr, v_pr_null))
+    return (ErasePool(x_t, 1 - sigma_t.to(zi.device), v_anchor, c_er, prompt_of=prompt_of),
+            PreservePool(x_pr, 1 - sigma_pr.to(zi.device), [conds[i] for i in idx], v_pr_null, v_pr))
 
 
 @dataclass
@@ -319,6 +356,7 @@ class Plan:
     cpr_prompts: list[str]
     out: Path
     settings: dict
+    anchors: list[str]  # --anchor content: the content of each erase prompt (else empty: the anchor is ∅)
 
 
 def check_flags(args) -> set[str]:
@@ -427,11 +465,18 @@ def check(args, cfgs: C.Configs | None = None) -> Plan:
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
     concept = find_concept(args, cfgs)
     s = check_model_flags(args, cfgs, concept)
-    cer_prompts, cer_tokens = concept_prompts(cfgs.tokenizer, concept, s["aliases"], s["category"],
-                                              args.variants, args.seed)
+    anchors = []  # --anchor null: the target's anchor is ∅
+    if args.anchor == "content":
+        anchors = content_prompts(cfgs.defaults, args.preserve, s["category"], [concept] + s["aliases"],
+                                  args.pool, args.seed)
+        cer_prompts, cer_tokens = paired_prompts(cfgs.tokenizer, concept, s["aliases"], s["category"],
+                                                 anchors)
+    else:
+        cer_prompts, cer_tokens = concept_prompts(cfgs.tokenizer, concept, s["aliases"], s["category"],
+                                                  args.variants, args.seed)
     cpr_prompts = preservation_prompts(cfgs.defaults, args.preserve, s["category"], concept,
                                        [concept] + s["aliases"])
-    check_prompt_lengths(cfgs, cer_prompts + cpr_prompts)
+    check_prompt_lengths(cfgs, cer_prompts + cpr_prompts + anchors)
     out = check_output(args.out or f"loras/{concept.lower().replace(' ', '-')}.safetensors", "--out",
                        (".safetensors",), extra_names=(f"{concept}.ckpt.safetensors.lock",))
     settings = {"concept": concept, "category": s["category"], "aliases": s["aliases"], "eps": s["eps"],
@@ -442,10 +487,10 @@ def check(args, cfgs: C.Configs | None = None) -> Plan:
                 "dtype": str(dtype).removeprefix("torch."), "resolution": s["size"],
                 "gradient_checkpointing": args.gradient_checkpointing, "variants": args.variants,
                 "rank": args.rank, "layers": list(s["spec"].layers), "targets": list(s["spec"].targets),
-                "gate": s["spec"].gated, "preserve": cpr_prompts}
+                "gate": s["spec"].gated, "preserve": cpr_prompts, "anchor": args.anchor}
     check_resume(args, cfgs, out, settings)
     return Plan(concept, s["category"], s["eps"], s["aliases"], s["spec"], terms, s["size"], dtype,
-                cer_prompts, cer_tokens, cpr_prompts, out, settings)
+                cer_prompts, cer_tokens, cpr_prompts, out, settings, anchors)
 
 
 RESUMABLE = {"steps"}  # settings a resumed run may change (train longer)
@@ -495,22 +540,24 @@ def prepare(args, zi: C.ZImage | None = None) -> Run:
     if zi is None:
         with stage("loading the model", timings, "load"):
             zi = C.load_zimage(args.model, parse_device(args.device), plan.dtype, vae=False)
-    with stage(f"encoding {len(plan.cer_prompts) + len(plan.cpr_prompts) + 1} prompts", timings, "encode"):
-        feats = zi.encode_prompts(plan.cer_prompts + plan.cpr_prompts + [""])  # each once, then freed
-    n = len(plan.cer_prompts)
-    c_er, c_pr, c_null = feats[:n], feats[n:-1], feats[-1]
+    prompts = plan.cer_prompts + plan.cpr_prompts + plan.anchors + [""]
+    with stage(f"encoding {len(prompts)} prompts", timings, "encode"):
+        feats = zi.encode_prompts(prompts)  # each once, then freed
+    n, m = len(plan.cer_prompts), len(plan.cer_prompts) + len(plan.cpr_prompts)
+    c_er, c_pr, c_anchor, c_null = feats[:n], feats[n:m], feats[m:-1], feats[-1]
     zi.free_text_encoder()
     dit = zi.transformer
     dit.gradient_checkpointing = args.gradient_checkpointing
     with stage(f"trajectory pools and frozen references at {plan.size}x{plan.size}", timings, "pools"):
-        (x, t, v_null), preserve = build_pools(zi, args, c_er, c_pr, c_null, plan.size)
+        erase, preserve = build_pools(zi, args, c_er, c_pr, c_null, plan.size, c_anchor)
     params = Z.add_lora(dit, plan.spec, seed=args.seed)
     kind = "fixed" if args.fixed_lambda is not None or "pr" not in plan.terms else args.mode
-    run = Run(args, dit, plan.spec, ErasePool(x, t, v_null, c_er, plan.cer_tokens), preserve, c_null, params,
+    erase.concept_tokens = plan.cer_tokens
+    run = Run(args, dit, plan.spec, erase, preserve, c_null, params,
               OPTIMIZERS[args.optim](params, lr=args.lr), plan.eps, plan.terms, kind, plan.settings, plan.out,
               plan.out.with_suffix(".ckpt.safetensors"), lam=args.fixed_lambda or 0.0, timings=timings)
     # as many steps' references per call as fit in about 4,096 tokens (16 on the tiny model, 1 at 1024²)
-    tokens = dit.layout([tuple(x.shape[-2:])], [max(len(c) for c in c_er)]).seq_len
+    tokens = dit.layout([tuple(erase.x.shape[-2:])], [max(len(c) for c in c_er)]).seq_len
     run.ref_chunk = max(1, min(16, 4096 // tokens, args.steps))
     if kind == "implicit":
         jvp = args.gtilde == "jvp" or (args.gtilde == "auto" and zi.dtype != torch.float32)
@@ -530,10 +577,10 @@ def prepare(args, zi: C.ZImage | None = None) -> Run:
 @dataclass
 class EraseSample:
     """One draw from D_er: a state x_t with its time, the erase prompt c_er, and the frozen references
-    v_θ(x_t, ∅) and v_θ(x_t, c_er) of Eq. 5's target."""
+    v_θ(x_t, ∅) (or the content anchor's) and v_θ(x_t, c_er) of Eq. 5's target."""
     x: Tensor  # (1, C, h, w)
     t: Tensor  # (1,)
-    v_null: Tensor  # (C, h, w)
+    v_anchor: Tensor  # (C, h, w)
     c_er: Tensor
     concept_tokens: list[int]
     v_c: Tensor | None = None  # (C, h, w), from frozen_reference
@@ -542,7 +589,9 @@ class EraseSample:
 def _draw_erase(run: Run, rng: random.Random) -> EraseSample:
     e = run.erase
     j, variant = rng.randrange(len(e.x)), rng.randrange(len(e.c_er))
-    return EraseSample(e.x[j:j + 1], e.t[j:j + 1], e.v_null[j], e.c_er[variant], e.concept_tokens[variant])
+    if e.prompt_of is not None:  # --anchor content: the prompt whose trajectory x_t is on, with its anchor
+        variant = e.prompt_of[j]
+    return EraseSample(e.x[j:j + 1], e.t[j:j + 1], e.v_anchor[j], e.c_er[variant], e.concept_tokens[variant])
 
 
 def _step_rng(run: Run, step: int) -> random.Random:
@@ -592,7 +641,7 @@ def losses(run: Run, er: EraseSample, pr: PreserveBatch, probed: ExitStack) -> t
     probed.enter_context(Z.attention_probe(dit, run.spec.layers if "attn" in run.terms else (), probe))
     v = dit(x, t, caps)
     zero = v.new_zeros(()).float()
-    L_erase = (Z.erase_loss(v[0], Z.erase_target(er.v_null, er.v_c, run.args.eta))  # Eq. 5
+    L_erase = (Z.erase_loss(v[0], Z.erase_target(er.v_anchor, er.v_c, run.args.eta))  # Eq. 5
                if "erase" in run.terms else zero)
     L_attn = probe.loss() if "attn" in run.terms else zero  # Eq. 6
     return L_erase, L_attn, pr_loss(v[1:], pr)

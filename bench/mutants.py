@@ -21,8 +21,8 @@ TESTS = ["tests/test_training_math.py", "tests/test_train.py", "tests/test_gate.
          "tests/test_precision.py"]
 MUTANTS = [
     ("eta-sign", "zerase.py", "return v_null - eta * (v_c - v_null)", "return v_null + eta * (v_c - v_null)"),
-    ("eta-ignored", "train.py", "Z.erase_target(er.v_null, er.v_c, run.args.eta)",
-     "Z.erase_target(er.v_null, er.v_c, 2.0)"),
+    ("eta-ignored", "train.py", "Z.erase_target(er.v_anchor, er.v_c, run.args.eta)",
+     "Z.erase_target(er.v_anchor, er.v_c, 2.0)"),
     ("reference-with-lora", "train.py", "with Z.lora_disabled(run.dit):  # LoRA off: exactly θ",
      "if True:  # LoRA off: exactly θ"),
     ("pool-time-sigma", "train.py", "return (x_t, 1 - sigma_t.to(zi.device), v_null)",

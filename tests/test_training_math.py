@@ -70,7 +70,7 @@ def test_the_erase_reference_is_the_frozen_model_even_with_a_lora_installed(rand
         v_c = base(er.x, er.t, [er.c_er])[0]
         v_null = base(er.x, er.t, [run.c_null])[0]
         v_lora = run.dit(er.x, er.t, [er.c_er])[0]
-    torch.testing.assert_close(er.v_null, v_null, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(er.v_anchor, v_null, rtol=1e-5, atol=1e-6)
     want = Z.erase_loss(v_lora, v_null - 2.0 * (v_c - v_null))  # Eq. 5, η = 2
     assert L_erase.item() == pytest.approx(want.item(), rel=1e-4)
     assert (v_lora - v_c).abs().max() > 1e-2  # the LoRA does change the prediction: the check has teeth
@@ -101,7 +101,8 @@ def test_pool_states_are_the_sampler_states_at_their_own_time(random_ckpt, tmp_p
             torch.testing.assert_close(pool.t[rows], t)
             with torch.no_grad():
                 v_null = base(x, t, [run.c_null] * m)
-                torch.testing.assert_close(pool.v_null[rows], v_null, rtol=1e-4, atol=1e-5)
+                v_ref = pool.v_anchor if pool is run.erase else pool.v_null  # the erase anchor: ∅ by default
+                torch.testing.assert_close(v_ref[rows], v_null, rtol=1e-4, atol=1e-5)
                 if pool is run.preserve:
                     torch.testing.assert_close(pool.v_c[rows], base(x, t, conds), rtol=1e-4, atol=1e-5)
             x = denoise(base, x, conds, sigmas[k:k + 2], [run.c_null] * m, guidance)
