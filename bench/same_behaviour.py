@@ -47,7 +47,17 @@ def contents(out: Path) -> tuple[dict, dict, str]:
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
     settings = {k: v for k, v in json.loads(meta.pop("settings")).items() if k not in TIMINGS}
-    return tensors, {**meta, "settings": settings}, out.with_suffix(".jsonl").read_text()
+    steps = [r for r in map(json.loads, out.with_suffix(".jsonl").read_text().splitlines()) if "step" in r]
+    return tensors, {**meta, "settings": settings}, steps  # the log's closing line holds wall times
+
+
+def settings_added(before: dict, now: dict) -> list[str]:
+    """Settings only the newer tree records, at a value: a new flag whose default is the old behaviour."""
+    was, got = before["settings"], now["settings"]
+    rest = [{k: v for k, v in m.items() if k != "settings"} for m in (before, now)]
+    if rest[0] != rest[1] or not set(was) <= set(got) or any(got[k] != was[k] for k in was):
+        return []
+    return sorted(set(got) - set(was))
 
 
 def main():
@@ -70,10 +80,13 @@ def main():
                 run(tree, out, args.concept, flags)
                 got[name] = contents(out)
             (tb, mb, lb), (tn, mn, ln) = got["before"], got["now"]
-            diffs = [what for what, same in (("tensors", tb == tn), ("metadata", mb == mn), ("log", lb == ln))
-                     if not same]
+            added = settings_added(mb, mn) if mb != mn else []
+            diffs = [what for what, same in (("tensors", tb == tn), ("metadata", mb == mn or added),
+                                             ("log", lb == ln)) if not same]
             differ += bool(diffs)
-            print(f"{mode:<13} {'same' if not diffs else 'DIFFERENT: ' + ', '.join(diffs)}", flush=True)
+            new = ", ".join(f"{k}={mn['settings'][k]!r}" for k in added)
+            note = f" (new settings recorded: {new})" if added and not diffs else ""
+            print(f"{mode:<13} {'same' if not diffs else 'DIFFERENT: ' + ', '.join(diffs)}{note}", flush=True)
     sys.exit(1 if differ else 0)
 
 
