@@ -223,6 +223,16 @@ def test_files_get_the_users_umask(finished):
         assert f.stat().st_mode & 0o777 == 0o644, f  # umask 022; a temporary file's 0600 used to survive
 
 
+def test_an_atomic_write_gets_the_umask_whatever_mode_the_writer_used(tmp_path):
+    """Some writers (mkstemp, some libraries) create 0600 files; the renamed file still gets the umask."""
+    old = os.umask(0o022)
+    try:
+        cli.atomic_write(tmp_path / "x.bin", lambda tmp: os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600)))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.bin").stat().st_mode & 0o777 == 0o644
+
+
 def test_two_identical_runs_write_identical_bytes(finished, random_ckpt, tmp_path):
     """Timings go to the log, metadata is written in a fixed order: the same command, the same file."""
     again = tmp_path / "circle.safetensors"
