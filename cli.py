@@ -61,7 +61,8 @@ def check_output(path, flag: str, suffixes: tuple[str, ...], extra_names: tuple[
         folder.mkdir(parents=True, exist_ok=True)
         limit = os.pathconf(folder, "PC_NAME_MAX")
     except OSError as e:
-        raise ValueError(f"{flag} {str(path)!r}: its folder cannot be created ({e.strerror}); choose another "
+        why = f"{folder} is a file" if folder.is_file() else e.strerror
+        raise ValueError(f"{flag} {str(path)!r}: its folder cannot be created ({why}); choose another "
                          f"place.") from None
     if not os.access(folder, os.W_OK):
         raise ValueError(f"{flag} {str(path)!r}: the folder {str(folder)!r} is not writable; choose another "

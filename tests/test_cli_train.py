@@ -227,7 +227,7 @@ def test_an_atomic_write_gets_the_umask_whatever_mode_the_writer_used(tmp_path):
     """Some writers (mkstemp, some libraries) create 0600 files; the renamed file still gets the umask."""
     old = os.umask(0o022)
     try:
-        cli.atomic_write(tmp_path / "x.bin", lambda tmp: os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600)))
+        cli.atomic_write(tmp_path / "x.bin", lambda tmp: os.close(os.open(tmp, os.O_CREAT, 0o600)))
     finally:
         os.umask(old)
     assert (tmp_path / "x.bin").stat().st_mode & 0o777 == 0o644
@@ -245,8 +245,8 @@ def test_setup_stages_are_reported_with_times_and_a_summary_ends_the_run(finishe
     _, err = finished
     for stage in ("loading the model", r"encoding \d+ prompts", "trajectory pools and frozen references"):
         assert re.search(rf"^{stage}.* \.\.\. \d+\.\d s$", err, re.M), stage
-    assert re.search(r"finished 2 steps in \d+ s; smoothed L_erase [\d.]+, L_attn [\d.]+, L_pr \S+; λ from",
-                     err)
+    summary = r"finished 2 steps in \d+ s; smoothed L_erase [\d.]+, L_attn [\d.]+, L_pr \S+; λ from"
+    assert re.search(summary, err)
 
 
 def test_the_bar_shows_losses_smoothed():
@@ -271,3 +271,53 @@ def test_every_flag_has_help_and_its_default(monkeypatch):
             assert a.help, a.option_strings
             if a.default not in (None, False, []):
                 assert "default" in fmt._expand_help(a), a.option_strings
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cases train.py does not meet yet (strict: each fails the suite once fixed, so that the mark is removed)
+
+
+@pytest.mark.xfail(strict=True, reason="train.main handles Ctrl-C only in the loop, not during setup")
+def test_ctrl_c_during_setup_is_one_line_and_exit_130(random_ckpt, tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "build_pools", interrupted)  # the ~25 s stage on the tiny model
+    try:
+        line = refused(train.main, args(random_ckpt, tmp_path / "c.safetensors", "--steps", "2"), capsys,
+                       code=130, started=True)
+    except KeyboardInterrupt:  # escaping, it would also stop pytest
+        pytest.fail("Ctrl-C during setup ended in a KeyboardInterrupt traceback")
+    assert "interrupted" in line and not list(tmp_path.iterdir())
+
+
+@pytest.mark.xfail(strict=True, reason="the checkpoint kept after a failed LoRA write is at the last step, "
+                   "which --resume refuses")
+def test_resume_after_a_failed_lora_write_writes_the_lora(random_ckpt, tmp_path, monkeypatch, capsys):
+    def full(path, *a, **k):
+        cli.atomic_write(path, lambda tmp: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
+    real = lora_file.save_lora
+    monkeypatch.setattr(lora_file, "save_lora", full)
+    out = tmp_path / "circle.safetensors"
+    refused(train.main, args(random_ckpt, out, "--steps", "2"), capsys, started=True)
+    monkeypatch.setattr(lora_file, "save_lora", real)
+    assert train.main(args(random_ckpt, out, "--steps", "2", "--resume")) == out and out.exists()
+
+
+@pytest.mark.xfail(strict=True, reason="check_prompt_lengths does not say which flag the prompt came from")
+def test_a_too_long_preservation_prompt_names_preserve(tmp_path, capsys, no_loading):
+    line = refused(train.main, tiny("star", "--preserve", LONG, "--out", str(tmp_path / "x.safetensors")),
+                   capsys)
+    assert "--preserve" in line
+
+
+@pytest.mark.xfail(strict=True, reason="find_concept's message names the value, not the flag")
+def test_an_unknown_concept_names_the_flag(tmp_path, capsys, no_loading):
+    line = refused(train.main, tiny("Rembrandt", "--out", str(tmp_path / "x.safetensors")), capsys)
+    assert "--concept" in line
+
+
+@pytest.mark.xfail(strict=True, reason="blank --alias values are accepted (and trained on)")
+def test_a_blank_alias_is_refused(tmp_path, capsys, no_loading):
+    line = refused(train.main, tiny("star", "--alias", "  ", "--out", str(tmp_path / "x.safetensors")),
+                   capsys)
+    assert "--alias" in line
