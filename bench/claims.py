@@ -286,6 +286,8 @@ def run_job(name: str, seed: int, out: Path, quick: bool) -> None:
         model, res["baseline"] = baseline_model(base, p, quick)
         res["report"] = report(model, p.concept)
     save_strip(model, out / "images" / f"{res['key']}.png")
+    if not (out / "images" / "base.png").exists():
+        save_strip(base, out / "images" / "base.png")
     res["seconds"] = round(time.time() - t0, 1)
     path = result_path(out, res["key"])
     path.parent.mkdir(parents=True, exist_ok=True)

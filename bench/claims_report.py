@@ -393,9 +393,10 @@ def drift_plot(path: Path, out: Path, seeds: int) -> bool:
 def image_grid(path: Path, out: Path, names: list[str], scale: int = 2) -> bool:
     """The seed-0 images of each point (rows, labelled) for the prompts of claims.STRIP (columns)."""
     from PIL import Image, ImageDraw
-    files = [(n, out / "images" / f"{job_key(n, 0)}.png") for n in names]
+    files = [("base model", out / "images" / "base.png")]
+    files += [(n, out / "images" / f"{job_key(n, 0)}.png") for n in names]
     strips = [(n, Image.open(f).convert("RGB")) for n, f in files if f.exists()]
-    if not strips:
+    if all(n == "base model" for n, _ in strips):  # no point has finished
         return False
     w, h = strips[0][1].size
     pad, head = 150, 14
