@@ -204,7 +204,11 @@ def stage(what: str, timings: dict | None = None, key: str | None = None):
     keep its time in timings[key]. CUDA work is waited for, so the time is the stage's own."""
     print(f"{what} ...", file=sys.stderr, end="", flush=True)
     t0 = time.perf_counter()
-    yield
+    try:
+        yield
+    except BaseException:  # Ctrl-C or an error: end the line, so the message that follows starts its own
+        print(file=sys.stderr, flush=True)
+        raise
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

@@ -24,7 +24,7 @@ import math
 import random
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -377,8 +377,10 @@ def check_flags(args) -> set[str]:
     for flag in ("concept", "category", "out", "model"):
         if getattr(args, flag) is not None:
             text(f"--{flag}", getattr(args, flag))
-    for p in args.alias + (args.preserve or []):
-        text("--alias/--preserve", p)
+    for flag, values in (("--alias", args.alias), ("--preserve", args.preserve or [])):
+        for v in values:
+            if not text(flag, v).strip():
+                raise ValueError(f"{flag} is blank; give it a spelling/prompt, or leave the flag out.")
     if args.deprecated_alpha is not None:
         print("warning: --alpha is deprecated; it is the LoRA alpha, now spelled --lora-alpha.",
               file=sys.stderr)
@@ -399,7 +401,7 @@ def find_concept(args, cfgs: C.Configs) -> str:
         return match
     near = difflib.get_close_matches(concept.lower(), [c.lower() for c in known], n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(repr(c) for c in known if c.lower() in near)}? " if near else ""
-    raise ValueError(f"the model does not know the concept {concept!r}; {hint}--list-concepts shows the "
+    raise ValueError(f"--concept {concept!r}: the model does not know it; {hint}--list-concepts shows the "
                      f"{len(known)} it knows; to train it anyway pass --force with --category (a concept the "
                      f"model cannot draw leaves nothing to erase).")
 
@@ -449,11 +451,12 @@ def parse_layers(layers: str, n_layers: int) -> tuple[int, ...]:
     return chosen
 
 
-def check_prompt_lengths(cfgs: C.Configs, prompts: list[str]) -> None:
+def check_prompt_lengths(cfgs: C.Configs, prompts: list[str], source: str) -> None:
+    """Refuse (naming where the prompt came from) a prompt the text encoder would silently cut."""
     for p in prompts:
         if (n := cfgs.tokenizer.n_tokens(p)) > M.MAX_TEXT_TOKENS:
-            raise ValueError(f"the prompt {p[:40]!r}... has {n} tokens with the chat template; the text "
-                             f"encoder reads at most {M.MAX_TEXT_TOKENS}: shorten it.")
+            raise ValueError(f"{source}: the prompt {p[:40]!r}... has {n} tokens with the chat template; the "
+                             f"text encoder reads at most {M.MAX_TEXT_TOKENS}: shorten it.")
 
 
 def check(args, cfgs: C.Configs | None = None) -> Plan:
@@ -476,7 +479,8 @@ def check(args, cfgs: C.Configs | None = None) -> Plan:
                                                   args.variants, args.seed)
     cpr_prompts = preservation_prompts(cfgs.defaults, args.preserve, s["category"], concept,
                                        [concept] + s["aliases"])
-    check_prompt_lengths(cfgs, cer_prompts + cpr_prompts + anchors)
+    check_prompt_lengths(cfgs, cer_prompts, "--concept/--alias")  # an erase prompt is a template of them
+    check_prompt_lengths(cfgs, cpr_prompts + anchors, "--preserve" if args.preserve else "zerase.json")
     out = check_output(args.out or f"loras/{concept.lower().replace(' ', '-')}.safetensors", "--out",
                        (".safetensors",), extra_names=(f"{concept}.ckpt.safetensors.lock",))
     settings = {"concept": concept, "category": s["category"], "aliases": s["aliases"], "eps": s["eps"],
@@ -519,7 +523,7 @@ def check_resume(args, cfgs: C.Configs, out: Path, settings: dict) -> None:
     if saved.get("base_model") != base_of(cfgs):
         raise ValueError(f"--resume: {ckpt} was trained on another base model than {cfgs.path}; resume with "
                          f"the model it was trained on.")
-    if saved["step"] >= args.steps:
+    if saved["step"] > args.steps or (saved["step"] == args.steps and out.exists()):
         raise ValueError(f"--resume: {ckpt} is at step {saved['step']}, not before --steps {args.steps}; "
                          f"pass a larger --steps to train on.")
 
@@ -876,6 +880,16 @@ def stopped(run: Run, why: str, code: int):
     die(f"{why}; {last}.", code=code)
 
 
+@contextmanager
+def setup_interruptible():
+    """Ctrl-C before the first step (setup takes tens of seconds): one line and exit 130, not a traceback;
+    nothing has been written yet (the log is opened last, and the loop handles its own interrupts)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        die("interrupted before the first step; nothing was written.", code=130)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -884,7 +898,8 @@ def main(argv=None):
             return None
         out = check(args).out  # every flag, before anything slow (prepare checks again: cheap)
         with exclusive(out, "train.py"):
-            run = prepare(args)
+            with setup_interruptible():
+                run = prepare(args)
             t0 = time.time()
             try:
                 smooth = train_loop(run)
