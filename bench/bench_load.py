@@ -35,7 +35,8 @@ def write_checkpoint(folder: Path, n_shards: int = 3) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(CONFIG, indent=2))
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in M.ZImageTransformer(M.DiTConfig.from_dict(CONFIG)).state_dict().items()}
+        dit = M.ZImageTransformer(M.DiTConfig.from_dict(CONFIG))
+        shapes = {k: v.shape for k, v in dit.state_dict().items()}
     total = sum(torch.Size(s).numel() * 4 for s in shapes.values())
     keys, shard, size, weight_map, i = sorted(shapes), {}, 0, {}, 0
     g = torch.Generator().manual_seed(0)
@@ -90,13 +91,15 @@ def main():
         folder = Path(args.dir or tmp) / "transformer"
         t0 = time.perf_counter()
         size = write_checkpoint(folder)
-        print(f"checkpoint: {size / 2**30:.2f} GiB in 3 shards + index, written in {time.perf_counter() - t0:.1f} s")
+        took = time.perf_counter() - t0
+        print(f"checkpoint: {size / 2**30:.2f} GiB in 3 shards + index, written in {took:.1f} s")
         print(f"{'loader':<8} {'dtype':<9} {'load s':>7} {'peak RSS GiB':>13} {'peak/ckpt':>10} "
               f"{'(peak-base)/ckpt':>17}")
         for how, dtype in [("zerase", "float32"), ("zerase", "bfloat16"), ("naive", "float32")]:
             r = measure(folder, how, dtype)
-            print(f"{how:<8} {dtype:<9} {r['seconds']:>7.2f} {r['peak'] / 2**30:>13.2f} {r['peak'] / size:>10.2f} "
-                  f"{(r['peak'] - r['base']) / size:>17.2f}")
+            peak = r["peak"]
+            print(f"{how:<8} {dtype:<9} {r['seconds']:>7.2f} {peak / 2**30:>13.2f} {peak / size:>10.2f} "
+                  f"{(peak - r['base']) / size:>17.2f}")
         print("base = RSS of the interpreter with torch imported, before loading")
 
 

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_training_math.py", "tests/test_train.py", "tests/test_gate.py", "tests/test_lagrangian.py",
-         "tests/test_precision.py"]
+TESTS = ["tests/test_training_math.py", "tests/test_train.py", "tests/test_gate.py",
+         "tests/test_lagrangian.py", "tests/test_precision.py", "tests/test_anchor.py"]
 MUTANTS = [
     ("eta-sign", "zerase.py", "return v_null - eta * (v_c - v_null)", "return v_null + eta * (v_c - v_null)"),
     ("eta-ignored", "train.py", "Z.erase_target(er.v_anchor, er.v_c, run.args.eta)",
@@ -67,11 +67,13 @@ def main():
             path = tree / file
             text = path.read_text()
             if text.count(old) != 1:
-                sys.exit(f"mutant {name}: the line to break occurs {text.count(old)} times in {file}; update it")
+                sys.exit(f"mutant {name}: the line to break occurs {text.count(old)} times in {file}; "
+                         "update it")
             path.write_text(text.replace(old, new))
             t0 = time.time()
             r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *TESTS],
-                               cwd=tree, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+                               cwd=tree, capture_output=True, text=True,
+                               env={**os.environ, "PYTHONHASHSEED": "0"})
             path.write_text(text)
             failed = [line for line in r.stdout.splitlines() if line.startswith("FAILED")]
             verdict = f"killed by {failed[0].split('::')[-1].split(' ')[0]}" if r.returncode else "SURVIVED"

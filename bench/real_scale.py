@@ -203,8 +203,9 @@ def main():
             for dt in args.dtypes.split(","):
                 for ck in args.checkpointing.split(","):
                     for d in map(int, args.depths.split(",")):
+                        lora = f"/tmp/real_scale/{d}-{r}-{dt}-{ck}.safetensors"
                         cfg = dict(device=args.device, dtype=dt, resolution=r, ckpt=ck == "on", depth=d,
-                                   te_layers=args.te_layers, steps=args.steps, out=f"/tmp/real_scale/{d}-{r}-{dt}-{ck}.safetensors")
+                                   te_layers=args.te_layers, steps=args.steps, out=lora)
                         out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], cwd=ROOT,
                                              capture_output=True, text=True)
                         if out.returncode:
