@@ -145,14 +145,20 @@ def concept_prompts(concept: str, n: int, seed: int, *, templates=EVAL_TEMPLATES
     rng = np.random.default_rng([seed, 0x5EED])
     prompts = []
     for _ in range(n):
-        template = usable[int(rng.integers(len(usable)))]
-        request = {c: int(rng.integers(len(world.CONCEPTS[c])))
-                   for c in sorted(world.template_slots(template))}
+        template, request = _draw_request(usable, rng)
         request[cat] = world.CONCEPTS[cat].index(concept)
         words = {c: world.CONCEPTS[c][i] for c, i in request.items()}
         words[cat] = forms[int(rng.integers(len(forms)))]
         prompts.append((world.fill_template(template, words), request))
     return prompts
+
+
+def _draw_request(templates: list[str], rng: np.random.Generator) -> tuple[str, dict[str, int]]:
+    """A template and a random class for each of its slots, drawn in sorted slot order (one recipe for every
+    prompt set, so each set's draws are reproducible from its seed)."""
+    template = templates[int(rng.integers(len(templates)))]
+    slots = sorted(world.template_slots(template))
+    return template, {c: int(rng.integers(len(world.CONCEPTS[c]))) for c in slots}
 
 
 def unrelated_prompts(concept: str, n: int, seed: int) -> list[Prompt]:
@@ -165,9 +171,7 @@ def unrelated_prompts(concept: str, n: int, seed: int) -> list[Prompt]:
     rng = np.random.default_rng([seed, 0xE1C])
     prompts = []
     for _ in range(n):
-        template = usable[int(rng.integers(len(usable)))]
-        request = {c: int(rng.integers(len(world.CONCEPTS[c])))
-                   for c in sorted(world.template_slots(template))}
+        template, request = _draw_request(usable, rng)
         if cat in request:
             request[cat] = world.CONCEPTS[cat].index(others[int(rng.integers(len(others)))])
         prompts.append((world.fill_template(template, {c: world.CONCEPTS[c][i] for c, i in request.items()}),
