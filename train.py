@@ -334,6 +334,7 @@ class Run:
     refs: tuple = (None, None)  # (chunk index, its references)
     timings: dict = None  # seconds per setup stage
     log: object = None
+    frozen: object = None  # a context manager factory inside which dit is θ_0 (default: Z.lora_disabled)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -534,10 +535,11 @@ def base_of(cfgs: C.Configs) -> str:
     return lora_file.base_fingerprint(SimpleNamespace(cfg=cfgs.transformer, stored_values=stored))
 
 
-def prepare(args, zi: C.ZImage | None = None) -> Run:
+def prepare(args, zi: C.ZImage | None = None, adapt=Z.add_lora) -> Run:
     """Check every flag, load θ_0 (unless given), build D_er and D_pr with their frozen references, add
     Δθ = 0 (Algorithm 1's input), and resume from the training checkpoint if asked. Each stage is reported
-    with its time and kept in run.timings."""
+    with its time and kept in run.timings. `adapt(dit, spec, seed)` makes the trainable parameters: the
+    gated LoRA, or finetune.py's full weights (which then also sets run.frozen)."""
     cfgs = C.Configs(zi.path, zi.transformer.cfg, zi.vae_cfg, zi.scheduler, zi.tokenizer, zi.defaults) if zi \
         else None
     plan, timings = check(args, cfgs), {}
@@ -554,7 +556,7 @@ def prepare(args, zi: C.ZImage | None = None) -> Run:
     dit.gradient_checkpointing = args.gradient_checkpointing
     with stage(f"trajectory pools and frozen references at {plan.size}x{plan.size}", timings, "pools"):
         erase, preserve = build_pools(zi, args, c_er, c_pr, c_null, plan.size, c_anchor)
-    params = Z.add_lora(dit, plan.spec, seed=args.seed)
+    params = adapt(dit, plan.spec, seed=args.seed)
     kind = "fixed" if args.fixed_lambda is not None or "pr" not in plan.terms else args.mode
     erase.concept_tokens = plan.cer_tokens
     run = Run(args, dit, plan.spec, erase, preserve, c_null, params,
@@ -620,7 +622,7 @@ def frozen_reference(run: Run, step: int) -> Tensor:
     if run.refs[0] != chunk:
         first = chunk * run.ref_chunk
         ers = [_draw_erase(run, _step_rng(run, s)) for s in range(first, first + run.ref_chunk)]
-        with Z.lora_disabled(run.dit):  # LoRA off: exactly θ
+        with run.frozen() if run.frozen else Z.lora_disabled(run.dit):  # LoRA off: exactly θ
             run.refs = (chunk, run.dit(torch.cat([e.x for e in ers]), torch.cat([e.t for e in ers]),
                                        [e.c_er for e in ers]))
     return run.refs[1][step % run.ref_chunk]

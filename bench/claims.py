@@ -43,13 +43,13 @@ class Point:
     """One experiment: a training (train.py flags), an inference-time baseline, or a merge of LoRAs."""
     name: str
     flags: tuple[str, ...] = ()
-    kind: str = "train"  # train | zeroing | localize | merge
+    kind: str = "train"  # train | finetune | zeroing | localize | merge
     concept: str = CONCEPT
     arg: int = 0  # localize: K layers; merge: the number of concepts averaged
 
     @property
     def seeded(self) -> bool:
-        return self.kind in ("train", "merge")
+        return self.kind in ("train", "finetune", "merge")
 
 
 def _slug(s: str) -> str:
@@ -61,12 +61,16 @@ def alone(concept: str) -> str:
     return "default" if concept == CONCEPT else f"alone-{_slug(concept)}"
 
 
+PAPER = ("--anchor", "null")  # every run erases towards v(x_t, ∅), as the paper's Eq. 5 (train.py's --anchor)
 ESD = ("--losses", "erase")
+FULL_LR = "1e-4"  # full fine-tuning moves every entry of W: α a tenth of the LoRA's (ESD fine-tunes at 1e-5)
 LAYER_SETS = {"all": (), "first": ("--layers", "0,1,2"), "second": ("--layers", "3,4,5")}
 POINTS = {p.name: p for p in [
     Point("default"), Point("nogate", ("--no-gate",)),
     *[Point(f"esd-{g}-{s}", ESD + lay + (("--no-gate",) if g == "ungated" else ()))
       for s, lay in LAYER_SETS.items() for g in ("gated", "ungated")],
+    *[Point(f"esd-full-{s}", ESD + lay + ("--lr", FULL_LR), kind="finetune")
+      for s, lay in LAYER_SETS.items()],
     Point("losses-erase,attn", ("--losses", "erase,attn")),
     Point("losses-erase,pr", ("--losses", "erase,pr")),
     *[Point(f"fixed-{x}", ("--fixed-lambda", x)) for x in ("0.01", "0.1", "1", "10", "100")],
@@ -91,7 +95,8 @@ class Claim:
 
 CLAIMS = {
     1: Claim("Naive fine-tuning collapses, the gate prevents it (§3, Fig. 3 right, Fig. 15)",
-             tuple(f"esd-{g}-{s}" for s in LAYER_SETS for g in ("gated", "ungated")) + ("default", "nogate")),
+             tuple(f"esd-{g}-{s}" for s in LAYER_SETS for g in ("gated", "ungated", "full")) +
+             ("default", "nogate")),
     2: Claim("Attention zeroing erases but is brittle (Fig. 3 left)", ("zeroing", "default")),
     3: Claim("Static weighting forces a binary outcome; the Lagrangian reaches the balance (§4.2, Fig. 5)",
              ("fixed-0", "fixed-0.01", "fixed-0.1", "fixed-1", "fixed-10", "fixed-100",
@@ -240,8 +245,9 @@ def train_lora(p: Point, seed: int, out: Path, quick: bool) -> tuple[Path, dict]
     if lora.exists() and cost.exists():
         return lora, json.loads(cost.read_text())
     lora.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(ROOT / "train.py"), "--concept", p.concept, "--seed", str(seed), "--out",
-           str(lora), "--force", *p.flags, *(QUICK_TRAIN if quick else ())]
+    script = "finetune.py" if p.kind == "finetune" else "train.py"
+    cmd = [sys.executable, str(ROOT / script), "--concept", p.concept, "--seed", str(seed), "--out",
+           str(lora), "--force", *PAPER, *p.flags, *(QUICK_TRAIN if quick else ())]
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT, stderr=subprocess.DEVNULL)
     log = [json.loads(s) for s in lora.with_suffix(".jsonl").read_text().splitlines()]
@@ -272,10 +278,14 @@ def run_job(name: str, seed: int, out: Path, quick: bool) -> None:
 
     res = {"key": job_key(name, seed), "point": p.name, "kind": p.kind, "concept": p.concept, "seed": seed,
            "flags": list(p.flags), "quick": quick}
-    if p.kind == "train":
+    if p.kind in ("train", "finetune"):
         lora, res["train"] = train_lora(p, seed, out, quick)
         model = C.load_zimage(E.DEFAULT_MODEL)
-        lora_file.apply_loras(model.transformer, [lora])
+        if p.kind == "finetune":
+            import finetune
+            finetune.apply_finetune(model.transformer, lora)
+        else:
+            lora_file.apply_loras(model.transformer, [lora])
         res["report"] = report(model, p.concept)
     elif p.kind == "merge":
         model = C.load_zimage(E.DEFAULT_MODEL)

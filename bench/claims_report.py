@@ -16,8 +16,9 @@ COLUMNS = ("Acc_e", "Acc_ir", "H_a", "kept", "neutral", "uncond_FD", "FD")
 NOT_RUN = ("not run", "")
 COLLAPSE, KEPT, ERASED, SAME_E, SAME_IR = 0.2, 0.1, 0.2, 0.1, 0.05  # the verdict thresholds (see RULES)
 RULES = {
-    1: f"reproduced if, in every layer set, ESD-only ungated loses ≥ {COLLAPSE} of the base Acc_ir while "
-       f"gated keeps it within {KEPT}; partly if gated keeps ≥ {KEPT} more Acc_ir than ungated somewhere.",
+    1: f"reproduced if, in every layer set, each naive ESD-only model (the ungated LoRA, and full "
+       f"fine-tuning where it ran) loses ≥ {COLLAPSE} of the base Acc_ir while gated keeps it within {KEPT}; partly if "
+       f"gated keeps ≥ {KEPT} more Acc_ir than ungated somewhere.",
     2: f"reproduced if zeroing erases the canonical spelling (Acc_e ≤ {ERASED}), its mean Acc_e over the "
        f"variants is ≥ 0.3 higher, and Z-Erase's variant mean is ≥ 0.2 below zeroing's; partly if zeroing "
        f"erases the canonical spelling and one of the other two holds.",
@@ -114,11 +115,14 @@ def verdict_1(get, base) -> tuple[str, str]:
     done = [(s, g, u) for s, g, u in done if g and u]
     if not done:
         return NOT_RUN
-    b = base["Acc_ir"]
-    held = [s for s, g, u in done if m(u, "Acc_ir") <= b - COLLAPSE and m(g, "Acc_ir") >= b - KEPT]
+    b, full = base["Acc_ir"], {s: get(f"esd-full-{s}") for s, _, _ in done}
+    held = [s for s, g, u in done if m(u, "Acc_ir") <= b - COLLAPSE and m(g, "Acc_ir") >= b - KEPT
+            and (full[s] is None or m(full[s], "Acc_ir") <= b - COLLAPSE)]
     helps = [s for s, g, u in done if m(g, "Acc_ir") - m(u, "Acc_ir") >= KEPT]
-    text = "; ".join(f"{s} layers: Acc_ir gated {m(g, 'Acc_ir'):.2f} vs ungated {m(u, 'Acc_ir'):.2f} "
-                     f"(Acc_e {m(g, 'Acc_e'):.2f} / {m(u, 'Acc_e'):.2f})" for s, g, u in done)
+    text = "; ".join(f"{s} layers: Acc_ir gated {m(g, 'Acc_ir'):.2f} vs ungated {m(u, 'Acc_ir'):.2f}"
+                     + (f" vs full fine-tuning {m(full[s], 'Acc_ir'):.2f}" if full[s] else "")
+                     + f" (Acc_e {m(g, 'Acc_e'):.2f} / {m(u, 'Acc_e'):.2f}"
+                     + (f" / {m(full[s], 'Acc_e'):.2f})" if full[s] else ")") for s, g, u in done)
     text += f" (base Acc_ir {b:.2f}, ESD-only)"
     if (d := get("default")) and (n := get("nogate")):
         text += (f"; full method gated Acc_ir {m(d, 'Acc_ir'):.2f}, ungated {m(n, 'Acc_ir'):.2f} (Acc_e "
@@ -426,9 +430,9 @@ BARS_OF = {1: ("Acc_e", "Acc_ir", "kept", "neutral"), 2: ("Acc_e",) + VARIANTS,
            5: ("Acc_e", "variants", "Acc_ir"), 6: ("Acc_e", "Acc_ir", "H_a"), 7: ("Acc_e", "Acc_ir"),
            9: ("Acc_e", "Acc_ir")}
 NOTES = {
-    1: "Part (c) of the claim, full fine-tuning of the shared to_q/to_k/to_v weights without a LoRA, is not "
-       "run: it is not implemented (it needs a training loop of its own with a kept copy of θ_0 for the "
-       "frozen references), and the CPU time of this bench went to (a) and (b).",
+    1: "Full fine-tuning (finetune.py) trains the to_q/to_k/to_v weights of the layer set themselves, no "
+       "LoRA and no gate, with L_erase alone and α = 1e-4 (a tenth of the LoRA's: every entry of W moves); "
+       "its frozen references come from a kept copy of θ_0.",
     2: "Zeroing is given the canonical spelling only (baselines.attention_zeroing, every unified and "
        "context-refiner layer); the variants are the evaluation's aliases, misspellings, held-out spellings "
        "and paraphrase templates, never seen by either method.",

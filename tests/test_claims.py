@@ -90,6 +90,11 @@ def test_verdict_1_rules():
     full = {f"esd-{g}-{s}": (0.0, 0.85 if g == "gated" else 0.3)
             for s in R.LAYER_SETS for g in ("gated", "ungated")}
     assert R.verdict_1(summaries(**full), BASE)[0] == "reproduced"
+    collapsed = {**full, **{f"esd-full-{s}": (0.0, 0.2) for s in R.LAYER_SETS}}
+    assert R.verdict_1(summaries(**collapsed), BASE)[0] == "reproduced"
+    kept = {**full, "esd-full-second": (0.0, 0.85)}  # full fine-tuning did not collapse in one layer set
+    assert R.verdict_1(summaries(**kept), BASE)[0] == "partly"
+    assert "full fine-tuning 0.85" in R.verdict_1(summaries(**kept), BASE)[1]
     some = {**full, "esd-gated-first": (0.0, 0.5)}  # gated helps (+0.2) but loses 0.4 there
     assert R.verdict_1(summaries(**some), BASE)[0] == "partly"
     none = {n: (0.0, 0.3) for n in full}
