@@ -17,8 +17,8 @@ NOT_RUN = ("not run", "")
 COLLAPSE, KEPT, ERASED, SAME_E, SAME_IR = 0.2, 0.1, 0.2, 0.1, 0.05  # the verdict thresholds (see RULES)
 RULES = {
     1: f"reproduced if, in every layer set, each naive ESD-only model (the ungated LoRA, and full "
-       f"fine-tuning where it ran) loses ≥ {COLLAPSE} of the base Acc_ir while gated keeps it within {KEPT}; partly if "
-       f"gated keeps ≥ {KEPT} more Acc_ir than ungated somewhere.",
+       f"fine-tuning where it ran) loses ≥ {COLLAPSE} of the base Acc_ir while gated keeps it within "
+       f"{KEPT}; partly if gated keeps ≥ {KEPT} more Acc_ir than ungated somewhere.",
     2: f"reproduced if zeroing erases the canonical spelling (Acc_e ≤ {ERASED}), its mean Acc_e over the "
        f"variants is ≥ 0.3 higher, and Z-Erase's variant mean is ≥ 0.2 below zeroing's; partly if zeroing "
        f"erases the canonical spelling and one of the other two holds.",
