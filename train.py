@@ -1,7 +1,8 @@
 """
 Erase a concept from Z-Image with Z-Erase: train a token-gated LoRA (arXiv 2603.25074, Algorithm 1).
 
-    python train.py --concept "Van Gogh"                       # embedded tiny model, paper defaults
+    python train.py --concept "Van Gogh"                       # embedded tiny model, defaults
+    python train.py --concept "Van Gogh" --anchor null         # Eq. 5 around v(x_t, ∅), as in the paper
     python train.py --concept "Van Gogh" --mode exact          # exact gradient surgery (Eqs. 11-12)
     python train.py --concept church --category entity --model weights/Z-Image-Turbo --device cuda
 
@@ -46,6 +47,9 @@ EPS_BY_CATEGORY = {"style": 1e-3, "nudity": 1e-3, "violence": 1e-3, "entity": 1e
 TEMPLATE_BY_CATEGORY = {"style": "An art in the style of {}", "entity": "A photo of {}",
                         "abstraction": "A close scene of {}", "celebrity": "A photo of {}",
                         "nudity": "A photo of {}", "violence": "A photo of {}"}  # Table 7
+# --anchor auto: measured per category on the tiny model's 28 concepts (bench/results/sweep-*.json); the
+# paper's ∅ wherever it is not measured better
+ANCHOR_BY_CATEGORY = {"style": "content"}
 GENERIC_PRESERVE = ["a photo of a dog", "a portrait of a woman", "a landscape with mountains and a lake",
                     "a city street at night", "a bowl of fruit on a table", "a red car", "a cat on a sofa",
                     "an oil painting of a ship"]  # used when the model stores no preservation prompts
@@ -122,12 +126,15 @@ def add_sample_flags(p: argparse.ArgumentParser) -> None:
                    "after minus before (Eq. 15 as written); jvp = the same change as a directional "
                    "derivative ∇L_pr·Δθ at the step's midpoint (forward-mode AD), which bf16 rounding cannot "
                    "drown; auto: difference in float32, jvp in bfloat16/float16")
-    p.add_argument("--anchor", choices=["null", "content"], default="null",
+    p.add_argument("--anchor", choices=["auto", "null", "content"], default="auto",
                    help="what Eq. 5's target is built around: null = v(x_t, ∅) on trajectories of the bare "
                    "Table 7 prompt (ESD, the paper); content = each erase prompt pairs the concept with "
                    "content from the preservation prompts that name no concept of its category (\"a red "
                    "star, An art in the style of Monet\"), x_t comes from its trajectories, and the target "
-                   "is built around v(x_t, content), so the content is kept while the concept is removed")
+                   "is built around v(x_t, content), so the content is kept while the concept is removed; "
+                   "auto = content for the categories where it measured better on the tiny model (" +
+                   ", ".join(c for c, a in ANCHOR_BY_CATEGORY.items() if a == "content") + "; README, "
+                   "\"The whole world, erased one concept at a time\"), null for every other category")
     p.add_argument("--pr-batch", type=int, default=2, help="preservation samples (x_pr, c_pr) per step: "
                    "the Monte-Carlo size of Eq. 8's expectation, and of the L_pr measured for g̃ (Eq. 15)")
 
@@ -469,8 +476,11 @@ def check(args, cfgs: C.Configs | None = None) -> Plan:
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
     concept = find_concept(args, cfgs)
     s = check_model_flags(args, cfgs, concept)
+    cpr_prompts = preservation_prompts(cfgs.defaults, args.preserve, s["category"], concept,
+                                       [concept] + s["aliases"])
+    anchor = ANCHOR_BY_CATEGORY.get(s["category"], "null") if args.anchor == "auto" else args.anchor
     anchors = []  # --anchor null: the target's anchor is ∅
-    if args.anchor == "content":
+    if anchor == "content":
         anchors = content_prompts(cfgs.defaults, args.preserve, s["category"], [concept] + s["aliases"],
                                   args.pool, args.seed)
         cer_prompts, cer_tokens = paired_prompts(cfgs.tokenizer, concept, s["aliases"], s["category"],
@@ -478,10 +488,9 @@ def check(args, cfgs: C.Configs | None = None) -> Plan:
     else:
         cer_prompts, cer_tokens = concept_prompts(cfgs.tokenizer, concept, s["aliases"], s["category"],
                                                   args.variants, args.seed)
-    cpr_prompts = preservation_prompts(cfgs.defaults, args.preserve, s["category"], concept,
-                                       [concept] + s["aliases"])
-    check_prompt_lengths(cfgs, cer_prompts, "--concept/--alias")  # an erase prompt is a template of them
+    # the content first: with --anchor content an erase prompt holds a preservation prompt
     check_prompt_lengths(cfgs, cpr_prompts + anchors, "--preserve" if args.preserve else "zerase.json")
+    check_prompt_lengths(cfgs, cer_prompts, "--concept/--alias")  # an erase prompt is a template of them
     out = check_output(args.out or f"loras/{concept.lower().replace(' ', '-')}.safetensors", "--out",
                        (".safetensors",), extra_names=(f"{concept}.ckpt.safetensors.lock",))
     settings = {"concept": concept, "category": s["category"], "aliases": s["aliases"], "eps": s["eps"],
@@ -492,7 +501,7 @@ def check(args, cfgs: C.Configs | None = None) -> Plan:
                 "dtype": str(dtype).removeprefix("torch."), "resolution": s["size"],
                 "gradient_checkpointing": args.gradient_checkpointing, "variants": args.variants,
                 "rank": args.rank, "layers": list(s["spec"].layers), "targets": list(s["spec"].targets),
-                "gate": s["spec"].gated, "preserve": cpr_prompts, "anchor": args.anchor}
+                "gate": s["spec"].gated, "preserve": cpr_prompts, "anchor": anchor}
     check_resume(args, cfgs, out, settings)
     return Plan(concept, s["category"], s["eps"], s["aliases"], s["spec"], terms, s["size"], dtype,
                 cer_prompts, cer_tokens, cpr_prompts, out, settings, anchors)

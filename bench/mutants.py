@@ -18,15 +18,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_training_math.py", "tests/test_train.py", "tests/test_gate.py",
-         "tests/test_lagrangian.py", "tests/test_precision.py", "tests/test_anchor.py"]
+         "tests/test_lagrangian.py", "tests/test_precision.py", "tests/test_anchor.py",
+         "tests/test_finetune.py"]
 MUTANTS = [
     ("eta-sign", "zerase.py", "return v_null - eta * (v_c - v_null)", "return v_null + eta * (v_c - v_null)"),
     ("eta-ignored", "train.py", "Z.erase_target(er.v_anchor, er.v_c, run.args.eta)",
      "Z.erase_target(er.v_anchor, er.v_c, 2.0)"),
-    ("reference-with-lora", "train.py", "with Z.lora_disabled(run.dit):  # LoRA off: exactly θ",
-     "if True:  # LoRA off: exactly θ"),
-    ("pool-time-sigma", "train.py", "return (x_t, 1 - sigma_t.to(zi.device), v_null)",
-     "return (x_t, sigma_t.to(zi.device), v_null)"),
+    ("reference-with-lora", "train.py", "with run.frozen() if run.frozen else Z.lora_disabled(run.dit):",
+     "if True:"),
+    ("reference-with-full-weights", "finetune.py", "    run.frozen = full.original", "    pass"),
+    ("pool-time-sigma", "train.py", "return (ErasePool(x_t, 1 - sigma_t.to(zi.device),",
+     "return (ErasePool(x_t, sigma_t.to(zi.device),"),
     ("reference-time-sigma", "train.py", "dit(x[i:i + chunk], 1 - sigma[i:i + chunk].to(x.device)",
      "dit(x[i:i + chunk], sigma[i:i + chunk].to(x.device)"),
     ("pool-state-next-sigma", "train.py", "sigmas.append(torch.full((n,), sig[k].item()))",

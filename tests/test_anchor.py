@@ -98,3 +98,16 @@ def test_the_erase_loss_is_eq_5_around_the_content_anchor(zi, tmp_path):
         v_null, v_lora = base(er.x, er.t, [c_null])[0], run.dit(er.x, er.t, [er.c_er])[0]
     assert L_erase.item() == pytest.approx(Z.erase_loss(v_lora, v_a - 2.0 * (v_c - v_a)).item(), rel=1e-4)
     assert (v_a - v_null).abs().max() > 1e-2  # the anchor is not ∅: the check tells the two apart
+
+
+@pytest.mark.parametrize("concept, want", [("Monet", "content"), ("star", "null"), ("red", "null")])
+def test_auto_is_content_for_a_style_and_the_papers_null_otherwise(tmp_path, concept, want):
+    """--anchor auto, the default, resolves by the concept's category (train.ANCHOR_BY_CATEGORY) to exactly
+    the plan of the explicit flag: the same erase prompts and anchors, and settings that record the resolved
+    anchor, so the LoRA it trains is the explicit flag's."""
+    out = ["--out", str(tmp_path / "x.safetensors")]
+    auto = train.check(train.parse_args(["--concept", concept, *out]))
+    explicit = train.check(train.parse_args(["--concept", concept, "--anchor", want, *out]))
+    assert auto.settings["anchor"] == want and auto.settings == explicit.settings
+    assert (auto.cer_prompts, auto.anchors) == (explicit.cer_prompts, explicit.anchors)
+    assert bool(auto.anchors) == (want == "content")

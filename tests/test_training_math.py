@@ -82,7 +82,8 @@ def test_pool_states_are_the_sampler_states_at_their_own_time(random_ckpt, tmp_p
     own guidance: 0 for the random checkpoint, CFG 3 for the tiny model), labelled with t = 1 − σ_k of that
     state; its references v_θ(x, ∅) and v_θ(x_pr, c_pr) are the base model at that (x, t)."""
     ckpt = random_ckpt if model == "random" else train.DEFAULT_MODEL
-    tiny = ["--model", str(ckpt), "--concept", "Van Gogh", "--category", "style", "--resolution", "64"]
+    tiny = ["--model", str(ckpt), "--concept", "Van Gogh", "--category", "style", "--resolution", "64",
+            "--anchor", "null"]  # the paper's pools: every trajectory under the bare Table 7 prompt
     extra = [] if model == "random" else tiny
     run = make_run(random_ckpt, tmp_path, *extra)
     base, zi = base_dit(ckpt), C.load_zimage(ckpt, vae=False)

@@ -1,0 +1,65 @@
+"""
+Sweeps side by side: for each category of the tiny world, the mean and worst of every sweep measure in
+each of several bench/sweep.py JSON files (one column group per file), as a Markdown table; then, per
+concept, which file does better on each measure. The README's before/after table of --anchor is this.
+
+    python bench/sweep_compare.py null=bench/results/sweep-null.json content=bench/results/sweep-content.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep import MEASURES  # noqa: E402
+
+SHOWN = ("acc_e", "acc_e_variant", "acc_ir_drop", "content_delta", "neutral_delta", "uncond_tv", "FD")
+
+
+def load(spec: str) -> tuple[str, dict]:
+    label, _, path = spec.rpartition("=")
+    return label or Path(path).stem, json.loads(Path(path).read_text())
+
+
+def table(sweeps: list[tuple[str, dict]]) -> str:
+    """One row per (category, measure): mean / worst (concept) in each sweep."""
+    head = "| category | measure | " + " | ".join(label for label, _ in sweeps) + " |"
+    lines = [head, "|---|---|" + "---|" * len(sweeps)]
+    for cat in sweeps[0][1]["aggregate"]:
+        for key in SHOWN:
+            cells = []
+            for _, d in sweeps:
+                a = d["aggregate"][cat][key]
+                cells.append(f"{a['mean']:.3g} / {a['worst']:.3g} ({a['worst_concept']})")
+            lines.append(f"| {cat} | {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def wins(a: tuple[str, dict], b: tuple[str, dict]) -> str:
+    """Per category and measure: how many concepts `b` does better than `a` on, and worse (ties apart)."""
+    rows_a = {r["concept"]: r for r in a[1]["rows"]}
+    out = [f"| category | measure | {b[0]} better | {b[0]} worse |", "|---|---|---|---|"]
+    for cat in a[1]["aggregate"]:
+        for key in SHOWN:
+            sign = MEASURES[key][1]  # +1: larger is worse
+            diffs = [sign * (rows_a[r["concept"]]["summary"][key] - r["summary"][key])
+                     for r in b[1]["rows"] if r["category"] == cat and r["concept"] in rows_a]
+            out.append(f"| {cat} | {key} | {sum(d > 1e-9 for d in diffs)} | {sum(d < -1e-9 for d in diffs)} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweeps", nargs="+", metavar="LABEL=FILE", help="bench/sweep.py JSON files")
+    a = p.parse_args(argv)
+    sweeps = [load(s) for s in a.sweeps]
+    print(table(sweeps))
+    for other in sweeps[1:]:
+        print()
+        print(wins(sweeps[0], other))
+
+
+if __name__ == "__main__":
+    main()
