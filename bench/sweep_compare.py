@@ -46,7 +46,8 @@ def wins(a: tuple[str, dict], b: tuple[str, dict]) -> str:
             sign = MEASURES[key][1]  # +1: larger is worse
             diffs = [sign * (rows_a[r["concept"]]["summary"][key] - r["summary"][key])
                      for r in b[1]["rows"] if r["category"] == cat and r["concept"] in rows_a]
-            out.append(f"| {cat} | {key} | {sum(d > 1e-9 for d in diffs)} | {sum(d < -1e-9 for d in diffs)} |")
+            better, worse = sum(d > 1e-9 for d in diffs), sum(d < -1e-9 for d in diffs)
+            out.append(f"| {cat} | {key} | {better} | {worse} |")
     return "\n".join(out)
 
 
