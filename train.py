@@ -47,9 +47,11 @@ EPS_BY_CATEGORY = {"style": 1e-3, "nudity": 1e-3, "violence": 1e-3, "entity": 1e
 TEMPLATE_BY_CATEGORY = {"style": "An art in the style of {}", "entity": "A photo of {}",
                         "abstraction": "A close scene of {}", "celebrity": "A photo of {}",
                         "nudity": "A photo of {}", "violence": "A photo of {}"}  # Table 7
-# --anchor auto: measured per category on the tiny model's 28 concepts (bench/results/sweep-*.json); the
-# paper's ∅ wherever it is not measured better
-ANCHOR_BY_CATEGORY = {"style": "content"}
+# --anchor auto: measured per category on the 28 concepts of the tiny model (bench/results/sweep-*.json,
+# README). Styles: content is better on every measure; colours (abstraction): better content kept, neutral
+# prompts and FD, worse on the other colours (Acc_ir); entities: no better, so the paper's ∅. Categories never
+# measured keep the paper's ∅.
+ANCHOR_BY_CATEGORY = {"style": "content", "abstraction": "content"}
 GENERIC_PRESERVE = ["a photo of a dog", "a portrait of a woman", "a landscape with mountains and a lake",
                     "a city street at night", "a bowl of fruit on a table", "a red car", "a cat on a sofa",
                     "an oil painting of a ship"]  # used when the model stores no preservation prompts

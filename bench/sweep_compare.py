@@ -4,6 +4,12 @@ each of several bench/sweep.py JSON files (one column group per file), as a Mark
 concept, which file does better on each measure. The README's before/after table of --anchor is this.
 
     python bench/sweep_compare.py null=bench/results/sweep-null.json content=bench/results/sweep-content.json
+    python bench/sweep_compare.py null=... content=... --defaults bench/results/sweep.json
+
+--defaults FILE: with sweeps labelled by train.py's --anchor values, also the sweep of train.py's defaults,
+assembled concept by concept: --anchor auto trains, for a concept, exactly the LoRA of the anchor
+train.ANCHOR_BY_CATEGORY names for its category (tests/test_anchor.py), so its row is that sweep's row.
+Written as JSON in bench/sweep.py's layout (rows, aggregate, targets) with where each row came from.
 """
 from __future__ import annotations
 
@@ -13,7 +19,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import MEASURES  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoint as C  # noqa: E402
+import train  # noqa: E402
+from cli import atomic_write  # noqa: E402
+from sweep import MEASURES, aggregate, targets  # noqa: E402
 
 SHOWN = ("acc_e", "acc_e_variant", "acc_ir_drop", "content_delta", "neutral_delta", "uncond_tv", "FD")
 
@@ -51,11 +61,35 @@ def wins(a: tuple[str, dict], b: tuple[str, dict]) -> str:
     return "\n".join(out)
 
 
+def defaults(sweeps: list[tuple[str, dict]]) -> dict:
+    """The sweep of train.py's defaults from the sweeps of each --anchor value (see the module doc)."""
+    by_label = {label: {r["concept"]: r for r in d["rows"]} for label, d in sweeps}
+    categories = C.read_configs(train.DEFAULT_MODEL).defaults["categories"]
+    rows, source = [], {}
+    for r in sweeps[0][1]["rows"]:
+        anchor = train.ANCHOR_BY_CATEGORY.get(categories[r["concept"]], "null")
+        if anchor not in by_label:
+            raise SystemExit(f"no sweep labelled {anchor!r} (the anchor of {r['concept']!r}); "
+                             f"pass {anchor}=FILE")
+        rows.append(by_label[anchor][r["concept"]])
+        source[r["concept"]] = anchor
+    agg = aggregate(rows)
+    files = {label: d.get("command") for label, d in sweeps}
+    return {"assembled_from": files, "anchor_of": source, "prompts": sweeps[0][1]["prompts"],
+            "seeds": sweeps[0][1]["seeds"], "sizes": sweeps[0][1]["sizes"], "targets": targets(rows, agg),
+            "aggregate": agg, "rows": rows}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweeps", nargs="+", metavar="LABEL=FILE", help="bench/sweep.py JSON files")
+    p.add_argument("--defaults", metavar="FILE", help="also write the sweep of train.py's defaults here")
     a = p.parse_args(argv)
     sweeps = [load(s) for s in a.sweeps]
+    if a.defaults:
+        d = defaults(sweeps)
+        atomic_write(a.defaults, lambda tmp: Path(tmp).write_text(json.dumps(d, indent=1) + "\n"))
+        sweeps.append(("defaults", d))
     print(table(sweeps))
     for other in sweeps[1:]:
         print()

@@ -100,8 +100,8 @@ def test_the_erase_loss_is_eq_5_around_the_content_anchor(zi, tmp_path):
     assert (v_a - v_null).abs().max() > 1e-2  # the anchor is not ∅: the check tells the two apart
 
 
-@pytest.mark.parametrize("concept, want", [("Monet", "content"), ("star", "null"), ("red", "null")])
-def test_auto_is_content_for_a_style_and_the_papers_null_otherwise(tmp_path, concept, want):
+@pytest.mark.parametrize("concept, want", [("Monet", "content"), ("star", "null"), ("red", "content")])
+def test_auto_is_content_for_a_style_or_colour_and_the_papers_null_for_an_entity(tmp_path, concept, want):
     """--anchor auto, the default, resolves by the concept's category (train.ANCHOR_BY_CATEGORY) to exactly
     the plan of the explicit flag: the same erase prompts and anchors, and settings that record the resolved
     anchor, so the LoRA it trains is the explicit flag's."""
