@@ -1,0 +1,52 @@
+"""bench/sweep_compare.py: the defaults' sweep takes each concept's row from the sweep of the anchor that
+train.ANCHOR_BY_CATEGORY names for its category, and its aggregates are bench/sweep.py's over those rows."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import sweep  # noqa: E402
+import sweep_compare as S  # noqa: E402
+import train  # noqa: E402
+import checkpoint as C  # noqa: E402
+
+CONCEPTS = {"Van Gogh": "style", "star": "entity", "red": "colour"}  # the world's categories
+
+
+def fake_sweep(offset: float) -> dict:
+    """A sweep whose every measure of concept i is offset + i (so each row tells which sweep it is from)."""
+    rows = []
+    for i, (c, cat) in enumerate(CONCEPTS.items()):
+        summary = {key: offset + i for key, *_ in sweep.MEASURES.values()}
+        summary.update({f"{key}_at": "x" for key, *_ in sweep.MEASURES.values()})
+        rows.append({"concept": c, "category": cat, "summary": summary})
+    return {"command": f"sweep {offset}", "prompts": 5, "seeds": [0], "sizes": {}, "rows": rows,
+            "aggregate": sweep.aggregate(rows)}
+
+
+def test_each_row_comes_from_its_categorys_anchor(tmp_path):
+    null, content = fake_sweep(0.0), fake_sweep(100.0)
+    out = tmp_path / "defaults.json"
+    files = [f"null={_write(tmp_path / 'n.json', null)}", f"content={_write(tmp_path / 'c.json', content)}"]
+    S.main([*files, "--defaults", str(out)])
+    d = json.loads(out.read_text())
+    categories = C.read_configs(train.DEFAULT_MODEL).defaults["categories"]
+    for r in d["rows"]:
+        want = train.ANCHOR_BY_CATEGORY.get(categories[r["concept"]], "null")
+        assert d["anchor_of"][r["concept"]] == want
+        assert (r["summary"]["FD"] >= 100) == (want == "content")
+    assert d["aggregate"] == sweep.aggregate(d["rows"])
+    assert {d["anchor_of"][c] for c in CONCEPTS} == {"null", "content"}  # the check above can tell them apart
+
+
+def test_a_missing_anchor_sweep_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="content=FILE"):
+        S.main([f"null={_write(tmp_path / 'n.json', fake_sweep(0.0))}", "--defaults", str(tmp_path / "d.json")])
+    assert not (tmp_path / "d.json").exists()
+
+
+def _write(path: Path, d: dict) -> Path:
+    path.write_text(json.dumps(d))
+    return path
