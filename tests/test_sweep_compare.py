@@ -43,7 +43,8 @@ def test_each_row_comes_from_its_categorys_anchor(tmp_path):
 
 def test_a_missing_anchor_sweep_is_named(tmp_path):
     with pytest.raises(SystemExit, match="content=FILE"):
-        S.main([f"null={_write(tmp_path / 'n.json', fake_sweep(0.0))}", "--defaults", str(tmp_path / "d.json")])
+        only_null = f"null={_write(tmp_path / 'n.json', fake_sweep(0.0))}"
+        S.main([only_null, "--defaults", str(tmp_path / "d.json")])
     assert not (tmp_path / "d.json").exists()
 
 
