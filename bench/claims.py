@@ -71,6 +71,7 @@ POINTS = {p.name: p for p in [
       for s, lay in LAYER_SETS.items() for g in ("gated", "ungated")],
     *[Point(f"esd-full-{s}", ESD + lay + ("--lr", FULL_LR), kind="finetune")
       for s, lay in LAYER_SETS.items()],
+    Point("esd-full-all-lr1e-3", ESD + ("--lr", "1e-3"), kind="finetune"),  # the LoRA's α, for comparison
     Point("losses-erase,attn", ("--losses", "erase,attn")),
     Point("losses-erase,pr", ("--losses", "erase,pr")),
     *[Point(f"fixed-{x}", ("--fixed-lambda", x)) for x in ("0.01", "0.1", "1", "10", "100")],
@@ -96,7 +97,7 @@ class Claim:
 CLAIMS = {
     1: Claim("Naive fine-tuning collapses, the gate prevents it (§3, Fig. 3 right, Fig. 15)",
              tuple(f"esd-{g}-{s}" for s in LAYER_SETS for g in ("gated", "ungated", "full")) +
-             ("default", "nogate")),
+             ("esd-full-all-lr1e-3", "default", "nogate")),
     2: Claim("Attention zeroing erases but is brittle (Fig. 3 left)", ("zeroing", "default")),
     3: Claim("Static weighting forces a binary outcome; the Lagrangian reaches the balance (§4.2, Fig. 5)",
              ("fixed-0", "fixed-0.01", "fixed-0.1", "fixed-1", "fixed-10", "fixed-100",

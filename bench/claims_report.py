@@ -431,7 +431,8 @@ BARS_OF = {1: ("Acc_e", "Acc_ir", "kept", "neutral"), 2: ("Acc_e",) + VARIANTS,
            9: ("Acc_e", "Acc_ir")}
 NOTES = {
     1: "Full fine-tuning (finetune.py) trains the to_q/to_k/to_v weights of the layer set themselves, no "
-       "LoRA and no gate, with L_erase alone and α = 1e-4 (a tenth of the LoRA's: every entry of W moves); "
+       "LoRA and no gate, with L_erase alone and α = 1e-4 (a tenth of the LoRA's: every entry of W moves; "
+       "the rule reads these runs), and once on all layers at the LoRA's α = 1e-3 (esd-full-all-lr1e-3); "
        "its frozen references come from a kept copy of θ_0.",
     2: "Zeroing is given the canonical spelling only (baselines.attention_zeroing, every unified and "
        "context-refiner layer); the variants are the evaluation's aliases, misspellings, held-out spellings "
