@@ -469,6 +469,30 @@ def check_prompt_lengths(cfgs: C.Configs, prompts: list[str], source: str) -> No
                              f"text encoder reads at most {M.MAX_TEXT_TOKENS}: shorten it.")
 
 
+_NOTED: set[str] = set()
+
+
+def resolve_anchor(args, cfgs: C.Configs, category: str, names: list[str]) -> tuple[str, list[str]]:
+    """--anchor, resolved: (null, []) or (content, the content of each erase prompt). auto takes the
+    category's anchor (ANCHOR_BY_CATEGORY); where no preservation prompt is free of the category's concepts
+    (e.g. --preserve prompts that all name a colour, for a colour) it falls back to the paper's ∅ and says
+    so once, while an explicit --anchor content is refused."""
+    anchor = ANCHOR_BY_CATEGORY.get(category, "null") if args.anchor == "auto" else args.anchor
+    if anchor == "null":
+        return "null", []
+    try:
+        return "content", content_prompts(cfgs.defaults, args.preserve, category, names, args.pool, args.seed)
+    except ValueError:
+        if args.anchor == "content":
+            raise
+    note = (f"--anchor auto: no preservation prompt is free of every {category} concept, so the target is "
+            "built around ∅ (the paper's); pass such prompts with --preserve for the content anchor")
+    if note not in _NOTED:
+        _NOTED.add(note)
+        print(note, file=sys.stderr)
+    return "null", []
+
+
 def check(args, cfgs: C.Configs | None = None) -> Plan:
     """Everything about a run that can be checked before the weights load, checked; returns the Plan."""
     terms = check_flags(args)
@@ -480,11 +504,8 @@ def check(args, cfgs: C.Configs | None = None) -> Plan:
     s = check_model_flags(args, cfgs, concept)
     cpr_prompts = preservation_prompts(cfgs.defaults, args.preserve, s["category"], concept,
                                        [concept] + s["aliases"])
-    anchor = ANCHOR_BY_CATEGORY.get(s["category"], "null") if args.anchor == "auto" else args.anchor
-    anchors = []  # --anchor null: the target's anchor is ∅
+    anchor, anchors = resolve_anchor(args, cfgs, s["category"], [concept] + s["aliases"])
     if anchor == "content":
-        anchors = content_prompts(cfgs.defaults, args.preserve, s["category"], [concept] + s["aliases"],
-                                  args.pool, args.seed)
         cer_prompts, cer_tokens = paired_prompts(cfgs.tokenizer, concept, s["aliases"], s["category"],
                                                  anchors)
     else:

@@ -111,3 +111,19 @@ def test_auto_is_content_for_a_style_or_colour_and_the_papers_null_for_an_entity
     assert auto.settings["anchor"] == want and auto.settings == explicit.settings
     assert (auto.cer_prompts, auto.anchors) == (explicit.cer_prompts, explicit.anchors)
     assert bool(auto.anchors) == (want == "content")
+
+
+def test_auto_falls_back_to_null_only_where_no_prompt_is_free_of_the_category(tmp_path, capsys):
+    """--preserve prompts that all name a colour leave no content to pair with a colour: auto then trains
+    the paper's ∅ target and says so; an explicit --anchor content is refused; for a style the same prompts
+    are content."""
+    args = ["--preserve", "a blue heart", "--preserve", "a green tree",
+            "--out", str(tmp_path / "x.safetensors")]
+    plan = train.check(train.parse_args(["--concept", "red", *args]))
+    assert plan.settings["anchor"] == "null" and plan.anchors == []
+    assert "--anchor auto" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--anchor content needs"):
+        train.check(train.parse_args(["--concept", "red", "--anchor", "content", *args]))
+    style = train.check(train.parse_args(["--concept", "Monet", *args]))
+    assert style.settings["anchor"] == "content"
+    assert sorted(set(style.anchors)) == ["a blue heart", "a green tree"]
