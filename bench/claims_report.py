@@ -440,7 +440,11 @@ NOTES = {
     6: "baselines.localize picks the top-K unified layers by the attention mass image queries put on the "
        "concept's tokens over 8 calibration prompts (not the evaluation's); baselines.dit_localization then "
        "substitutes the empty caption's attention input for the caption rows in those layers.",
-    7: "Times are of runs that shared the CPU with other jobs: a ratio within one pair is indicative only.",
+    7: "Times in the table are of runs that shared the CPU with other jobs and mean nothing as a ratio. "
+       "Measured on the idle 2-core CPU with `python bench/modes.py` (200 steps, the modes alternated, 2 "
+       "rounds): implicit 93.0 ms/step, exact 88.0 ms/step (×0.95), peak RSS 436 vs 451 MB. On the tiny "
+       "model the second backward of the exact mode costs no more than the implicit mode's extra "
+       "L_pr evaluations for g̃ (three per two steps).",
 }
 VERDICTS = {1: verdict_1, 2: verdict_2, 3: verdict_3, 4: verdict_4, 5: verdict_5, 6: verdict_6, 7: verdict_7,
             9: verdict_9}
