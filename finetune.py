@@ -119,7 +119,6 @@ def run_finetune(args) -> tuple[train.Run, FullWeights]:
         run.log.write(json.dumps(train.fixed_step(run, step)) + "\n")  # L_er (+ L_attn), no L_pr
     run.log.write(json.dumps({"finished": args.steps, "seconds": round(time.time() - t0, 1)}) + "\n")
     run.log.close()
-    run.ckpt.unlink(missing_ok=True)
     save_finetune(run.out, run.dit, full, base, {**run.meta, "full_finetune": True})
     n = sum(p.numel() for p in full.params.values())
     print(f"wrote {run.out} ({n:,} fine-tuned weights in {len(full.params)} tensors; log {run.log.name})")
@@ -132,7 +131,10 @@ def main(argv=None):
         with exclusive(train.check(args).out, "finetune.py"):
             return run_finetune(args)[0].out
     except KeyboardInterrupt:
-        die("interrupted; nothing was written", code=130)
+        die("interrupted; no fine-tune was written", code=130)
+    except train.NonFiniteLoss as e:
+        die(f"the loss became NaN/inf at step {e.args[0]}; lower --lr or --eta; no fine-tune was written",
+            code=3)
     except (CheckpointError, ValueError, OutputError) as e:
         die(str(e))
 

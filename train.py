@@ -367,6 +367,7 @@ class Plan:
     out: Path
     settings: dict
     anchors: list[str]  # --anchor content: the content of each erase prompt (else empty: the anchor is ∅)
+    note: str = ""  # what the user should know about the resolved settings (prepare prints it)
 
 
 def check_flags(args) -> set[str]:
@@ -469,28 +470,23 @@ def check_prompt_lengths(cfgs: C.Configs, prompts: list[str], source: str) -> No
                              f"text encoder reads at most {M.MAX_TEXT_TOKENS}: shorten it.")
 
 
-_NOTED: set[str] = set()
-
-
-def resolve_anchor(args, cfgs: C.Configs, category: str, names: list[str]) -> tuple[str, list[str]]:
-    """--anchor, resolved: (null, []) or (content, the content of each erase prompt). auto takes the
+def resolve_anchor(args, cfgs: C.Configs, category: str, names: list[str]) -> tuple[str, list[str], str]:
+    """--anchor, resolved: (null, [], note) or (content, the content of each erase prompt, ""). auto takes the
     category's anchor (ANCHOR_BY_CATEGORY); where no preservation prompt is free of the category's concepts
-    (e.g. --preserve prompts that all name a colour, for a colour) it falls back to the paper's ∅ and says
-    so once, while an explicit --anchor content is refused."""
+    (e.g. --preserve prompts that all name a colour, for a colour) it falls back to the paper's ∅ with a
+    note that prepare prints, while an explicit --anchor content is refused."""
     anchor = ANCHOR_BY_CATEGORY.get(category, "null") if args.anchor == "auto" else args.anchor
     if anchor == "null":
-        return "null", []
+        return "null", [], ""
     try:
-        return "content", content_prompts(cfgs.defaults, args.preserve, category, names, args.pool, args.seed)
+        return "content", content_prompts(cfgs.defaults, args.preserve, category, names, args.pool,
+                                          args.seed), ""
     except ValueError:
         if args.anchor == "content":
             raise
-    note = (f"--anchor auto: no preservation prompt is free of every {category} concept, so the target is "
-            "built around ∅ (the paper's); pass such prompts with --preserve for the content anchor")
-    if note not in _NOTED:
-        _NOTED.add(note)
-        print(note, file=sys.stderr)
-    return "null", []
+    return "null", [], (f"--anchor auto: no preservation prompt is free of every {category} concept, so the "
+                        "target is built around ∅ (the paper's); pass such prompts with --preserve for the "
+                        "content anchor")
 
 
 def check(args, cfgs: C.Configs | None = None) -> Plan:
@@ -504,7 +500,7 @@ def check(args, cfgs: C.Configs | None = None) -> Plan:
     s = check_model_flags(args, cfgs, concept)
     cpr_prompts = preservation_prompts(cfgs.defaults, args.preserve, s["category"], concept,
                                        [concept] + s["aliases"])
-    anchor, anchors = resolve_anchor(args, cfgs, s["category"], [concept] + s["aliases"])
+    anchor, anchors, note = resolve_anchor(args, cfgs, s["category"], [concept] + s["aliases"])
     if anchor == "content":
         cer_prompts, cer_tokens = paired_prompts(cfgs.tokenizer, concept, s["aliases"], s["category"],
                                                  anchors)
@@ -527,7 +523,7 @@ def check(args, cfgs: C.Configs | None = None) -> Plan:
                 "gate": s["spec"].gated, "preserve": cpr_prompts, "anchor": anchor}
     check_resume(args, cfgs, out, settings)
     return Plan(concept, s["category"], s["eps"], s["aliases"], s["spec"], terms, s["size"], dtype,
-                cer_prompts, cer_tokens, cpr_prompts, out, settings, anchors)
+                cer_prompts, cer_tokens, cpr_prompts, out, settings, anchors, note)
 
 
 RESUMABLE = {"steps"}  # settings a resumed run may change (train longer)
@@ -575,6 +571,8 @@ def prepare(args, zi: C.ZImage | None = None, adapt=Z.add_lora) -> Run:
     cfgs = C.Configs(zi.path, zi.transformer.cfg, zi.vae_cfg, zi.scheduler, zi.tokenizer, zi.defaults) if zi \
         else None
     plan, timings = check(args, cfgs), {}
+    if plan.note:
+        print(plan.note, file=sys.stderr)
     if zi is None:
         with stage("loading the model", timings, "load"):
             zi = C.load_zimage(args.model, parse_device(args.device), plan.dtype, vae=False)

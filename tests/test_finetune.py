@@ -75,3 +75,14 @@ def test_what_it_cannot_do_is_one_line(tmp_path, capsys, flags, says):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.count("\n") == 0 and says in err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_nan_loss_is_one_line_and_exit_3_with_no_file(tmp_path, capsys, monkeypatch):
+    def nan_step(run, step):
+        raise train.NonFiniteLoss(step + 1)
+    monkeypatch.setattr(train, "fixed_step", nan_step)
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--concept", "Van Gogh", "--pool", "2", "--steps", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 3 and "NaN/inf at step 1" in err[-1] and not out.exists()
