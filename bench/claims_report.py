@@ -9,6 +9,7 @@ import json
 import statistics
 from pathlib import Path
 
+from sweep import covered_seconds
 from claims import CLAIMS, EVAL_N, EVAL_SEEDS, LAYER_SETS, MERGE_CONCEPTS, STRIP, alone, job_key, point
 
 VARIANTS = ("alias", "misspelling", "held_out", "paraphrase")
@@ -490,16 +491,18 @@ def section(n: int, get, base: dict, out: Path, plots: Path, seeds: int) -> tupl
 
 
 def timing(out: Path, results: dict) -> str:
-    """Process time of the finished runs (their own seconds) and the wall time from the first run's start
-    to the last run's end (result files' times)."""
+    """Process time of the finished runs (their own seconds) and the wall time during which at least one
+    of them was running: the union of the runs' [end - seconds, end] intervals (result files' times), so
+    the pauses between sessions of a resumed bench are not counted."""
     if not results:
         return "no run has finished yet"
-    ends = {k: (out / "results" / f"{k}.json").stat().st_mtime for k in results}
-    span = max(ends.values()) - min(ends[k] - r.get("seconds", 0) for k, r in results.items())
+    wall = covered_seconds([((end := (out / "results" / f"{k}.json").stat().st_mtime) - r.get("seconds", 0),
+                             end) for k, r in results.items()])
     busy = sum(r.get("seconds", 0) for r in results.values())
     return (f"{len(results)} runs took {busy / 3600:.2f} process-hours "
             f"({sum(r.get('train', {}).get('wall_s', 0) for r in results.values()) / 3600:.2f} of them "
-            f"training), {span / 3600:.2f} h of wall time, niced next to other jobs")
+            f"training), {wall / 3600:.2f} h of wall time while the bench ran (resumed over several "
+            f"sessions; pauses not counted), niced next to other jobs")
 
 
 HEADER = """# The paper's claims on the tiny model

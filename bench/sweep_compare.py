@@ -34,15 +34,17 @@ def load(spec: str) -> tuple[str, dict]:
 
 
 def table(sweeps: list[tuple[str, dict]]) -> str:
-    """One row per (category, measure): mean / worst (concept) in each sweep."""
+    """One row per (category, measure): mean / worst (concept) in each sweep; – where a sweep did not
+    cover the category (a sweep of one category's concepts, e.g. an ε tried on the entities only)."""
     head = "| category | measure | " + " | ".join(label for label, _ in sweeps) + " |"
     lines = [head, "|---|---|" + "---|" * len(sweeps)]
     for cat in sweeps[0][1]["aggregate"]:
         for key in SHOWN:
             cells = []
             for _, d in sweeps:
-                a = d["aggregate"][cat][key]
-                cells.append(f"{a['mean']:.3g} / {a['worst']:.3g} ({a['worst_concept']})")
+                a = d["aggregate"].get(cat, {}).get(key)
+                cells.append("–" if a is None
+                             else f"{a['mean']:.3g} / {a['worst']:.3g} ({a['worst_concept']})")
             lines.append(f"| {cat} | {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -133,3 +133,16 @@ def test_report_marks_unfinished_points_not_run(tmp_path):
     assert "| default | 2 | 0.00 ± 0.00 | " in text and "0.85 ± 0.07" in text  # Acc_ir over two seeds
     assert "| esd-gated-all | 0 | not run |" in text
     assert (docs / "claims" / "claim2.png").exists()
+
+
+def test_wall_time_counts_overlaps_once_and_pauses_not_at_all(tmp_path):
+    # Two runs side by side (0-100 s and 50-150 s), then a pause of a day, then one run of 60 s: the bench
+    # ran 150 + 60 s, not the 86,560 s from its first start to its last end.
+    runs = [("default", 0, 0, 100), ("default", 1, 50, 100), ("nogate", 0, 86500, 60)]
+    for name, seed, start, seconds in runs:
+        write_result(tmp_path, name, seed, report(0.0, 0.9), seconds=seconds)
+        path = claims.result_path(tmp_path, claims.job_key(name, seed))
+        os.utime(path, (1e9 + start + seconds, 1e9 + start + seconds))
+    text = R.timing(tmp_path, R.load(tmp_path))
+    assert "0.07 process-hours" in text  # 260 s
+    assert "0.06 h of wall time" in text  # 210 s

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import sweep  # noqa: E402
@@ -51,3 +52,24 @@ def test_a_missing_anchor_sweep_is_named(tmp_path):
 def _write(path: Path, d: dict) -> Path:
     path.write_text(json.dumps(d))
     return path
+
+
+def test_a_sweep_of_one_category_sits_beside_a_full_one(tmp_path, capsys):
+    full = fake_sweep(0.0)
+    part = fake_sweep(100.0)
+    part["rows"] = [r for r in part["rows"] if r["category"] == "entity"]
+    part["aggregate"] = sweep.aggregate(part["rows"])
+    S.main([f"full={_write(tmp_path / 'f.json', full)}", f"part={_write(tmp_path / 'p.json', part)}"])
+    lines = capsys.readouterr().out.splitlines()
+    style = [ln for ln in lines if ln.startswith("| style | acc_e |")]
+    entity = [ln for ln in lines if ln.startswith("| entity | acc_e |")]
+    assert style and style[0].rstrip(" |").endswith("–")  # no style rows in the partial sweep
+    assert entity and "(star)" in entity[0].split("|")[-2]  # its entity row is there
+
+
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 50)), max_size=12))
+def test_covered_seconds_is_the_length_of_the_union(jobs):
+    # Integer (start, length) jobs: the union's length is the number of unit seconds some job covers.
+    spans = [(s, s + n) for s, n in jobs]
+    covered = {t for s, e in spans for t in range(s, e)}
+    assert sweep.covered_seconds(spans) == len(covered)
