@@ -128,6 +128,11 @@ def add_sample_flags(p: argparse.ArgumentParser) -> None:
                    "after minus before (Eq. 15 as written); jvp = the same change as a directional "
                    "derivative ∇L_pr·Δθ at the step's midpoint (forward-mode AD), which bf16 rounding cannot "
                    "drown; auto: difference in float32, jvp in bfloat16/float16")
+    p.add_argument("--check-gtilde", type=int, default=0, metavar="N",
+                   help="every N steps also log g_exact, the exact ∂L_t/∂λ = ∇L_pr(θ_{t-1})·d_{t-1} + ε "
+                   "(Appendix C, Eq. 33; one more backward on g̃'s batch), and step_sq = ‖Δθ‖², so that "
+                   "Lemma C.3's gap |g̃ − g| ≤ Gα‖d‖²/2 can be measured; the training is unchanged (0: off; "
+                   "implicit mode only)")
     p.add_argument("--anchor", choices=["auto", "null", "content"], default="auto",
                    help="what Eq. 5's target is built around: null = v(x_t, ∅) on trajectories of the bare "
                    "Table 7 prompt (ESD, the paper); content = each erase prompt pairs the concept with "
@@ -378,6 +383,11 @@ def check_flags(args) -> set[str]:
     for flag in ("steps", "rank", "pool", "variants", "pr_batch", "checkpoint_every"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)}).")
+    if args.check_gtilde < 0:
+        raise ValueError(f"--check-gtilde must be 0 (off) or a number of steps (got {args.check_gtilde}).")
+    if args.check_gtilde and (args.mode != "implicit" or args.fixed_lambda is not None or "pr" not in terms):
+        raise ValueError("--check-gtilde measures the implicit mode's g̃ (Eq. 15); drop it, or train with "
+                         "--mode implicit, L_pr in --losses and no --fixed-lambda.")
     number("--lr", args.lr, low=0, strict=True)
     for flag in ("beta", "eta", "eps", "fixed_lambda", "lora_alpha", "deprecated_alpha"):
         if (value := getattr(args, flag)) is not None:
@@ -760,10 +770,30 @@ def pr_change(run: Run, batch: PreserveBatch, theta_before: list[Tensor]) -> flo
         return jvp(L_pr, (mid,), (delta,))[1].item()
 
 
+def pr_gradient(run: Run, batch: PreserveBatch) -> tuple[list[Tensor], list[Tensor]]:
+    """∇L_pr(θ_{t-1}) on a batch, and θ_{t-1} itself (the LoRA parameters): what --check-gtilde needs."""
+    theta = [p.detach().clone() for p in run.params]
+    L_pr = pr_loss(run.dit(*batch.inputs(run.c_null)), batch)
+    return list(torch.autograd.grad(L_pr, run.params, materialize_grads=True)), theta
+
+
+def exact_g(run: Run, grads: list[Tensor], theta_before: list[Tensor]) -> dict:
+    """Eq. 33's g_t = ∇L_pr(θ_{t-1})·d_{t-1} + ε, d_{t-1} = (θ_{t-1} − θ_t)/α the step actually taken (AdamW's
+    too), which g̃ estimates from two losses (Eq. 34); and ‖Δθ‖² = α²‖d‖², the size Lemma C.3's bound on
+    |g̃ − g| scales with (Eq. 35)."""
+    delta = [p.detach().float() - b.float() for p, b in zip(run.params, theta_before)]
+    dot = sum((g.float() * d).sum() for g, d in zip(grads, delta)).item()  # ∇L_pr·Δθ = −α ∇L_pr·d
+    # the first-order change in place of L_pr(θ_t) − L_pr(θ_{t-1}): (0 − ∇L_pr·Δθ)/α + ε = ∇L_pr·d + ε
+    return {"g_exact": Z.g_tilde(0.0, dot, run.args.lr, run.eps), "step_sq": sum(d.square().sum().item()
+                                                                                 for d in delta)}
+
+
 def implicit_step(run: Run, step: int) -> dict:
     """Algorithm 1, one iteration: L_total = L_er + λ L_pr, one backward, then g̃ (Eq. 15) and λ (Eq. 13)."""
     er, pr = draw(run, step)
     measured = run.meter.batch(run, step, pr)
+    every = run.args.check_gtilde
+    exact = pr_gradient(run, measured) if every and (step + 1) % every == 0 else None  # logged steps N, 2N, …
     L_before = run.meter.before(run, measured)  # L_pr(θ_{t-1}) on the measurement batch
     probed = ExitStack()
     L_erase, L_attn, L_pr = losses(run, er, pr, probed)
@@ -783,6 +813,8 @@ def implicit_step(run: Run, step: int) -> dict:
         rec.update(L_pr_after=L_after, g_tilde=g)
         if run.meter.fresh:
             rec.update(L_pr_before_measured=L_before)
+    if exact is not None:
+        rec.update(exact_g(run, *exact))  # Lemma C.3: g̃ against the exact g_t of the same step
     run.lam = Z.update_lambda(run.lam, g, run.args.beta)  # Eq. 13: λ ← max(0, λ − β g̃), for the next step
     return rec
 

@@ -185,6 +185,70 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(random_ckpt
 
 
 # ---------------------------------------------------------------------------------------------------
+# --check-gtilde: the exact g_t of Eq. 33 next to g̃ (Lemma C.3)
+
+
+def test_check_gtilde_logs_the_exact_g_every_n_steps_and_changes_no_training(reference, random_ckpt,
+                                                                             tmp_path):
+    out = tmp_path / "checked.safetensors"
+    train.main(args(random_ckpt, out, *BASE, "--check-gtilde", "2"))
+    recs, ref = log_records(out), log_records(reference)
+    assert [r["step"] for r in recs if "g_exact" in r] == [2, 4, 6]  # the log counts steps from 1
+    assert all(r["step_sq"] > 0 for r in recs if "g_exact" in r)
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("g_exact", "step_sq")}  # noqa: E731
+    assert [strip(r) for r in recs] == ref  # the same losses, g̃ and λ at every step
+    got, want = lora_file.read_lora(out)[0], lora_file.read_lora(reference)[0]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_exact_g_is_what_the_loss_difference_tends_to_as_the_step_shrinks(random_ckpt, tmp_path):
+    """Lemma C.3 on the model itself: from a θ where ∇L_pr ≠ 0, a step Δθ = −α·u gives g̃ (Eq. 34, two
+    losses) and exact_g's g = ∇L_pr·u + ε (Eq. 33); their gap is the Taylor remainder over α, so it shrinks
+    in proportion to α (Eq. 35) while g itself does not. A wrong sign or scale in exact_g leaves a gap that
+    does not shrink."""
+    eps = 1e-3
+    run = train.prepare(train.parse_args(args(random_ckpt, tmp_path / "x.safetensors", "--steps", "1",
+                                              "--eps", str(eps))))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in run.params:  # away from θ_0 = 0, where ∇L_pr = 0 (the references are θ_0's velocities)
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    u = [torch.randn(p.shape, generator=gen) for p in run.params]
+    batch = run.preserve.batch([0, 1])
+    grads, theta = train.pr_gradient(run, batch)
+    gaps, gs = [], []
+    for alpha in (1e-1, 1e-2, 1e-3):
+        run.args.lr = alpha
+        with torch.no_grad():
+            for p, t, d in zip(run.params, theta, u):
+                p.copy_(t - alpha * d)
+        g = train.exact_g(run, grads, theta)
+        assert g["step_sq"] == pytest.approx(alpha**2 * sum(d.square().sum().item() for d in u), rel=1e-4)
+        with torch.no_grad():
+            for p, t in zip(run.params, theta):
+                p.copy_(t)
+        before = train.pr_value(run, batch)
+        with torch.no_grad():
+            for p, t, d in zip(run.params, theta, u):
+                p.copy_(t - alpha * d)
+        g_tilde = Z.g_tilde(before, train.pr_value(run, batch), alpha, eps)
+        gaps.append(abs(g_tilde - g["g_exact"]))
+        gs.append(g["g_exact"])
+    assert abs(gs[0] - eps) > 10 * gaps[-1]  # g is not ε: the check can tell a right g from a wrong one
+    assert gs[0] == pytest.approx(gs[-1], rel=1e-5)  # ∇L_pr·d does not depend on α
+    assert 5 < gaps[0] / gaps[1] < 20 and 5 < gaps[1] / gaps[2] < 20, gaps  # O(α): ×10 per ×10 in α
+
+
+def test_check_gtilde_is_refused_where_there_is_no_g_tilde(random_ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(args(random_ckpt, tmp_path / "x.safetensors", "--steps", "2", "--mode", "exact",
+                        "--check-gtilde", "5"))
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "--check-gtilde" in lines[0] and "implicit" in lines[0], lines
+    assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------
 # Modes and baselines
 
 
@@ -279,7 +343,8 @@ def test_a_blank_concept_is_one_error_line_from_a_real_process(random_ckpt, tmp_
 @pytest.mark.parametrize("flag, value", [("--losses", "foo"), ("--losses", "erase,foo"), ("--steps", "0"),
                                          ("--layers", "99"), ("--layers", "-1"), ("--checkpoint-every", "0"),
                                          ("--pool", "0"), ("--variants", "0"), ("--eps", "-1"),
-                                         ("--fixed-lambda", "-0.5"), ("--lr", "0")])
+                                         ("--fixed-lambda", "-0.5"), ("--lr", "0"),
+                                         ("--check-gtilde", "-1")])
 def test_a_bad_flag_is_one_clear_error_line(flag, value, random_ckpt, tmp_path, capsys):
     """A bad flag value stops the run before training: non-zero exit, one error line naming the flag."""
     with pytest.raises(SystemExit) as e:
