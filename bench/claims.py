@@ -64,6 +64,7 @@ def alone(concept: str) -> str:
 PAPER = ("--anchor", "null")  # every run erases towards v(x_t, ∅), as the paper's Eq. 5 (train.py's --anchor)
 ESD = ("--losses", "erase")
 FULL_LR = "1e-4"  # full fine-tuning moves every entry of W: α a tenth of the LoRA's (ESD fine-tunes at 1e-5)
+GAP_EVERY = 25  # claim 8: steps between the exact g_t that train.py --check-gtilde logs beside g̃
 LAYER_SETS = {"all": (), "first": ("--layers", "0,1,2"), "second": ("--layers", "3,4,5")}
 POINTS = {p.name: p for p in [
     Point("default"), Point("nogate", ("--no-gate",)),
@@ -78,6 +79,8 @@ POINTS = {p.name: p for p in [
     *[Point(f"eps-{x}", ("--eps", x)) for x in ("1e-4", "1e-2", "1e-1")],
     *[Point(f"beta-{x}", ("--beta", x)) for x in ("0.01", "1")],
     Point("exact", ("--mode", "exact")),
+    # the default run again, logging the exact g_t every 25 steps (Lemma C.3); the LoRA is the default's
+    Point("gap-check", ("--check-gtilde", str(GAP_EVERY))),
     Point("zeroing", kind="zeroing"), *[Point(f"localize-k{k}", kind="localize", arg=k) for k in (1, 2, 4)],
     *[Point(alone(c), concept=c) for c in MERGE_CONCEPTS[1:]],
     *[Point(f"merge-{n}", kind="merge", arg=n) for n in (2, 3, 5)],
@@ -109,7 +112,8 @@ CLAIMS = {
     6: Claim("DiT-Localization, K ∈ {1, 2, 4}, against Z-Erase (Zarei et al. 2025)",
              ("localize-k1", "localize-k2", "localize-k4", "default")),
     7: Claim("Implicit vs exact modulation: same quality, cost of each", ("implicit", "exact")),
-    8: Claim("Eq. 16: L_pr(θ_t) − L_pr(θ_0) ≤ t·ε·α along a default run", ("default",)),
+    8: Claim("Eq. 16: L_pr(θ_t) − L_pr(θ_0) ≤ t·ε·α along a default run; Lemma C.3's gap of g̃",
+             ("default", "gap-check")),
     9: Claim("Multi-concept merging (Eq. 63): 2, 3, 5 averaged LoRAs vs each alone",
              tuple(alone(c) for c in MERGE_CONCEPTS) + ("merge-2", "merge-3", "merge-5")),
 }

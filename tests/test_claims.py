@@ -146,3 +146,21 @@ def test_wall_time_counts_overlaps_once_and_pauses_not_at_all(tmp_path):
     text = R.timing(tmp_path, R.load(tmp_path))
     assert "0.07 process-hours" in text  # 260 s
     assert "0.06 h of wall time" in text  # 210 s
+
+
+def test_lemma_c3_gap_is_read_from_the_gap_check_logs(tmp_path):
+    # Two logged steps: g̃ 0.5 vs g 0.4 (gap 0.1, same sign) and g̃ -0.2 vs g 0.3 (gap 0.5, opposite sign).
+    write_result(tmp_path, "gap-check", 0, report(0.0, 0.9))
+    log = tmp_path / "loras" / f"{claims.job_key('gap-check', 0)}.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    recs = [{"step": 24, "g_tilde": 0.1, "L_pr": 0.0},
+            {"step": 25, "g_tilde": 0.5, "g_exact": 0.4, "step_sq": 2e-6, "L_pr": 0.0},
+            {"step": 50, "g_tilde": -0.2, "g_exact": 0.3, "step_sq": 1e-6, "L_pr": 0.0}, {"finished": 50}]
+    log.write_text("\n".join(map(json.dumps, recs)))
+    rows = R.gap(tmp_path, seeds=3)
+    assert [r["step"] for r in rows] == [25, 50]
+    assert [r["gap"] for r in rows] == pytest.approx([0.1, 0.5])
+    assert [r["G"] for r in rows] == pytest.approx([2 * R.LR * 0.1 / 2e-6, 2 * R.LR * 0.5 / 1e-6])
+    text = R.gap_summary(rows)
+    assert "median |g̃ − g| = 0.3 " in text and "at 50% of the steps" in text
+    assert R.gap_summary([]).endswith("not run.")
