@@ -2,7 +2,8 @@
 The cost of each modulation mode (claim 7): `train.py --mode implicit` (one backward per step, Algorithm 1)
 against `--mode exact` (two backwards and the closed-form d*, Eqs. 11-12), the same concept and steps, run
 alternately (implicit, exact, implicit, exact, ...) so that both see the same machine; prints the loop's
-seconds per step and the peak RSS of each run, and the exact / implicit ratio of the medians.
+seconds per step and the peak RSS of each run, and the exact / implicit ratio of the medians, and writes
+them to bench/results/modes.json, which docs/claims.md's claim 7 reads for its cost verdict.
 
     python bench/modes.py                     # Van Gogh, 200 steps, 2 rounds, on the embedded tiny model
     python bench/modes.py --steps 1000 --rounds 3 --threads 1
@@ -37,6 +38,8 @@ def main():
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "modes.json",
+                   help="where the figures go (docs/claims.md's claim 7 reads them; default %(default)s)")
     a = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,6 +56,13 @@ def main():
           f"(exact / implicit {med['exact'] / med['implicit']:.2f}); peak RSS implicit "
           f"{rss['implicit']:.0f} MB, exact {rss['exact']:.0f} MB ({a.steps} steps, {a.threads} threads, "
           f"{a.rounds} rounds)")
+    figures = {"steps": a.steps, "rounds": a.rounds, "threads": a.threads, "runs": rows,
+               "median_ms_per_step": {m: med[m] * 1e3 for m in modes}, "peak_rss_mb": rss}
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = a.json.with_suffix(".tmp")
+    tmp.write_text(json.dumps(figures, indent=1) + "\n")
+    tmp.replace(a.json)  # never a half-written file
+    print(f"wrote {a.json}")
 
 
 if __name__ == "__main__":

@@ -122,6 +122,19 @@ def test_verdict_3_and_4_rules():
     assert R.verdict_4(summaries(**{**mono, "eps-1e-2": (0.6, 0.7)}), BASE)[0] == "partly"
 
 
+def test_verdict_7_decides_cost_by_the_idle_modes_bench_when_it_has_run(tmp_path, monkeypatch):
+    made = {n: {**R.measures(report(0.0, 0.9)), "train_s": t, "rss_mb": 400.0}
+            for n, t in (("implicit", 400.0), ("exact", 100.0))}  # contended: exact looks 4x faster
+    get = (lambda name, concept=None: {k: (x, None, 1) for k, x in made[name].items()})  # noqa: E731
+    monkeypatch.setattr(R, "MODES", tmp_path / "modes.json")
+    assert R.verdict_7(get, BASE)[0] == "partly"  # no idle figures: same quality, the loop's times
+    assert "contended" in R.verdict_7(get, BASE)[1]
+    (tmp_path / "modes.json").write_text(json.dumps(
+        {"median_ms_per_step": {"implicit": 90.0, "exact": 120.0}, "peak_rss_mb": {"implicit": 430, "exact": 460}}))
+    verdict, text = R.verdict_7(get, BASE)
+    assert verdict == "reproduced" and "90.0 vs 120.0 ms/step (×1.33)" in text and "430 vs 460" in text
+
+
 def test_report_marks_unfinished_points_not_run(tmp_path):
     out, docs = tmp_path / "out", tmp_path / "docs"
     write_result(out, "zeroing", 0, report(0.0, 0.9, (0.2, 0.9, 0.9, 0.6)))
