@@ -95,7 +95,8 @@ def add_algorithm_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, default=0.1, help="β, step size of the λ update (Eq. 15)")
     p.add_argument("--eta", type=float, default=2.0, help="η, negative guidance of the erase target (Eq. 5)")
     p.add_argument("--eps", type=float, help="ε, preservation tolerance per step, in units of α; default by "
-                   "category (Table 6)")
+                   "category: the model's stored value if it has one (the tiny model: entity 3e-3), else "
+                   "Table 6's")
     p.add_argument("--mode", choices=["implicit", "exact"], default="implicit",
                    help="implicit: Algorithm 1 (one backward); exact: gradient surgery, Eqs. 11-12 (two)")
     p.add_argument("--fixed-lambda", type=float, help="baseline: static scalarisation L_er + X·L_pr")
@@ -438,6 +439,16 @@ def list_concepts(model) -> str:
     return "\n".join(f"{k} ({len(cs)}): {', '.join(cs)}" for k, cs in by.items())
 
 
+def default_eps(defaults: dict, category: str) -> float:
+    """ε without --eps: the one the model stores for the category (zerase.json "eps": the tiny model's,
+    measured on its world), else Table 6's."""
+    eps = defaults.get("eps", {}).get(category, EPS_BY_CATEGORY[category])
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"the model's zerase.json stores ε = {eps!r} for {category}, not a number ≥ 0; fix "
+                         f"its \"eps\" entry or pass --eps.")
+    return float(eps)
+
+
 def check_model_flags(args, cfgs: C.Configs, concept: str) -> dict:
     """Flags checked against the model's configs: category, ε, layers, targets, resolution."""
     category = args.category or cfgs.defaults.get("categories", {}).get(concept)
@@ -453,7 +464,8 @@ def check_model_flags(args, cfgs: C.Configs, concept: str) -> dict:
         raise ValueError(f"--resolution {size} must be a multiple of {m} for this model (one DiT patch is "
                          f"{m} pixels); e.g. {max(m, size // m * m)}.")
     lora_alpha = args.lora_alpha or args.deprecated_alpha or float(args.rank)
-    return {"category": category, "eps": args.eps if args.eps is not None else EPS_BY_CATEGORY[category],
+    eps = args.eps if args.eps is not None else default_eps(cfgs.defaults, category)
+    return {"category": category, "eps": eps,
             "aliases": args.alias or cfgs.defaults.get("aliases", {}).get(concept, []), "size": size,
             "spec": Z.LoRASpec(layers=layers, targets=targets, rank=args.rank, lora_alpha=lora_alpha,
                                gated=not args.no_gate)}

@@ -9,6 +9,12 @@ concept, which file does better on each measure. The README's before/after table
 --defaults FILE: with sweeps labelled by train.py's --anchor values, also the sweep of train.py's defaults,
 assembled concept by concept: --anchor auto trains, for a concept, exactly the LoRA of the anchor
 train.ANCHOR_BY_CATEGORY names for its category (tests/test_anchor.py), so its row is that sweep's row.
+Where the model stores its own ε for a category (zerase.json "eps"), those rows come from the sweep that
+--category-from names, which must have been run with that --eps (checked against its train.py flags):
+
+    python bench/sweep_compare.py null=... content=... eps3e-3=... --category-from entity=eps3e-3 \
+        --defaults bench/results/sweep.json
+
 Written as JSON in bench/sweep.py's layout (rows, aggregate, targets) with where each row came from.
 """
 from __future__ import annotations
@@ -63,33 +69,50 @@ def wins(a: tuple[str, dict], b: tuple[str, dict]) -> str:
     return "\n".join(out)
 
 
-def defaults(sweeps: list[tuple[str, dict]]) -> dict:
-    """The sweep of train.py's defaults from the sweeps of each --anchor value (see the module doc)."""
+def defaults(sweeps: list[tuple[str, dict]], category_from: dict[str, str] | None = None) -> dict:
+    """The sweep of train.py's defaults from the sweeps of each --anchor value, or for a category named in
+    `category_from` from the sweep given there (see the module doc)."""
+    category_from = category_from or {}
     by_label = {label: {r["concept"]: r for r in d["rows"]} for label, d in sweeps}
-    categories = C.read_configs(train.DEFAULT_MODEL).defaults["categories"]
+    flags = {label: d.get("train_flags") or [] for label, d in sweeps}
+    stored = C.read_configs(train.DEFAULT_MODEL).defaults
     rows, source = [], {}
     for r in sweeps[0][1]["rows"]:
-        anchor = train.ANCHOR_BY_CATEGORY.get(categories[r["concept"]], "null")
-        if anchor not in by_label:
-            raise SystemExit(f"no sweep labelled {anchor!r} (the anchor of {r['concept']!r}); "
-                             f"pass {anchor}=FILE")
-        rows.append(by_label[anchor][r["concept"]])
-        source[r["concept"]] = anchor
+        category = stored["categories"][r["concept"]]
+        label = category_from.get(r["category"]) or train.ANCHOR_BY_CATEGORY.get(category, "null")
+        if label not in by_label:
+            raise SystemExit(f"no sweep labelled {label!r} (for {r['concept']!r}); pass {label}=FILE")
+        eps, ran = train.default_eps(stored, category), eps_flag(flags[label])
+        if eps != (ran if ran is not None else train.EPS_BY_CATEGORY[category]):
+            raise SystemExit(f"the defaults train {r['concept']!r} at ε = {eps:g}, the sweep {label!r} did "
+                             f"not; pass --category-from {r['category']}=LABEL with a sweep run with --eps "
+                             f"{eps:g}")
+        rows.append(by_label[label][r["concept"]])
+        source[r["concept"]] = label
     agg = aggregate(rows)
     files = {label: d.get("command") for label, d in sweeps}
-    return {"assembled_from": files, "anchor_of": source, "prompts": sweeps[0][1]["prompts"],
+    return {"assembled_from": files, "sweep_of": source, "prompts": sweeps[0][1]["prompts"],
             "seeds": sweeps[0][1]["seeds"], "sizes": sweeps[0][1]["sizes"], "targets": targets(rows, agg),
             "aggregate": agg, "rows": rows}
+
+
+def eps_flag(flags: list[str]) -> float | None:
+    """The --eps a sweep passed to train.py; a sweep without one ran at Table 6's ε (every sweep here was
+    run before a model stored its own ε; a newer one without --eps would have run at the stored value)."""
+    return float(flags[flags.index("--eps") + 1]) if "--eps" in flags else None
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweeps", nargs="+", metavar="LABEL=FILE", help="bench/sweep.py JSON files")
     p.add_argument("--defaults", metavar="FILE", help="also write the sweep of train.py's defaults here")
+    p.add_argument("--category-from", action="append", default=[], metavar="CATEGORY=LABEL",
+                   help="with --defaults: take this world category's rows from the sweep LABEL (e.g. "
+                        "entity=eps3e-3, a sweep run with the ε the model stores for entities)")
     a = p.parse_args(argv)
     sweeps = [load(s) for s in a.sweeps]
     if a.defaults:
-        d = defaults(sweeps)
+        d = defaults(sweeps, dict(c.split("=", 1) for c in a.category_from))
         atomic_write(a.defaults, lambda tmp: Path(tmp).write_text(json.dumps(d, indent=1) + "\n"))
         sweeps.append(("defaults", d))
     print(table(sweeps))

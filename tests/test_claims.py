@@ -129,8 +129,9 @@ def test_verdict_7_decides_cost_by_the_idle_modes_bench_when_it_has_run(tmp_path
     monkeypatch.setattr(R, "MODES", tmp_path / "modes.json")
     assert R.verdict_7(get, BASE)[0] == "partly"  # no idle figures: same quality, the loop's times
     assert "contended" in R.verdict_7(get, BASE)[1]
-    (tmp_path / "modes.json").write_text(json.dumps(
-        {"median_ms_per_step": {"implicit": 90.0, "exact": 120.0}, "peak_rss_mb": {"implicit": 430, "exact": 460}}))
+    idle = {"median_ms_per_step": {"implicit": 90.0, "exact": 120.0},
+            "peak_rss_mb": {"implicit": 430, "exact": 460}}
+    (tmp_path / "modes.json").write_text(json.dumps(idle))
     verdict, text = R.verdict_7(get, BASE)
     assert verdict == "reproduced" and "90.0 vs 120.0 ms/step (×1.33)" in text and "430 vs 460" in text
 

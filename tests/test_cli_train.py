@@ -315,3 +315,35 @@ def test_a_blank_alias_is_refused(tmp_path, capsys, no_loading):
     line = refused(train.main, tiny("star", "--alias", "  ", "--out", str(tmp_path / "x.safetensors")),
                    capsys)
     assert "--alias" in line
+
+
+@pytest.mark.parametrize("concept, extra, want", [
+    ("star", [], 3e-3),  # the tiny model stores ε for entities (its own sweep's measurement)
+    ("Van Gogh", [], 1e-3), ("red", [], 1e-2),  # styles and colours keep Table 6's
+    ("star", ["--eps", "0.02"], 0.02),  # --eps overrides what the model stores
+])
+def test_eps_is_the_models_stored_value_else_table_6s_and_eps_overrides_both(concept, extra, want):
+    a = train.parse_args(tiny(concept, *extra))
+    cfgs = C.read_configs(TINY)
+    assert train.check_model_flags(a, cfgs, concept)["eps"] == pytest.approx(want)
+
+
+def test_a_checkpoint_storing_no_eps_trains_at_table_6s(random_ckpt, tmp_path):
+    cfgs = C.read_configs(random_ckpt)
+    assert "eps" not in cfgs.defaults  # as the real Z-Image-Turbo: no zerase.json ε
+    a = train.parse_args(args(random_ckpt, tmp_path / "x.safetensors"))  # --category entity
+    assert train.check_model_flags(a, cfgs, "circle")["eps"] == train.EPS_BY_CATEGORY["entity"] == 1e-2
+
+
+@pytest.mark.parametrize("stored", [-1e-3, "3e-3", None, True])
+def test_a_bad_stored_eps_is_one_line_naming_zerase_json_and_eps(random_ckpt, tmp_path, capsys, stored):
+    import json
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(random_ckpt, ckpt)
+    (ckpt / "zerase.json").write_text(json.dumps({"eps": {"entity": stored}}))  # the real repo has none
+    out = tmp_path / "x.safetensors"
+    line = refused(train.main, args(ckpt, out), capsys)
+    assert "zerase.json" in line and "--eps" in line and not out.exists()
+    a = train.parse_args(args(ckpt, out, "--eps", "0.01"))  # the fix it names works
+    assert train.check_model_flags(a, C.read_configs(ckpt), "circle")["eps"] == 0.01

@@ -1,5 +1,6 @@
 """bench/sweep_compare.py: the defaults' sweep takes each concept's row from the sweep of the anchor that
-train.ANCHOR_BY_CATEGORY names for its category, and its aggregates are bench/sweep.py's over those rows."""
+train.ANCHOR_BY_CATEGORY names for its category, or, where the model stores its own ε for the category,
+from the sweep run at that ε; its aggregates are bench/sweep.py's over those rows."""
 import json
 import sys
 from pathlib import Path
@@ -27,25 +28,42 @@ def fake_sweep(offset: float) -> dict:
             "aggregate": sweep.aggregate(rows)}
 
 
-def test_each_row_comes_from_its_categorys_anchor(tmp_path):
-    null, content = fake_sweep(0.0), fake_sweep(100.0)
+def test_each_row_comes_from_its_categorys_anchor_or_the_sweep_of_its_stored_eps(tmp_path):
+    null, content, eps = fake_sweep(0.0), fake_sweep(100.0), fake_sweep(200.0)
+    eps["train_flags"] = ["--eps", "3e-3"]  # the ε the tiny model stores for entities
     out = tmp_path / "defaults.json"
-    files = [f"null={_write(tmp_path / 'n.json', null)}", f"content={_write(tmp_path / 'c.json', content)}"]
-    S.main([*files, "--defaults", str(out)])
+    files = [f"null={_write(tmp_path / 'n.json', null)}", f"content={_write(tmp_path / 'c.json', content)}",
+             f"eps={_write(tmp_path / 'e.json', eps)}"]
+    S.main([*files, "--category-from", "entity=eps", "--defaults", str(out)])
     d = json.loads(out.read_text())
-    categories = C.read_configs(train.DEFAULT_MODEL).defaults["categories"]
+    stored = C.read_configs(train.DEFAULT_MODEL).defaults
     for r in d["rows"]:
-        want = train.ANCHOR_BY_CATEGORY.get(categories[r["concept"]], "null")
-        assert d["anchor_of"][r["concept"]] == want
-        assert (r["summary"]["FD"] >= 100) == (want == "content")
+        category = stored["categories"][r["concept"]]
+        want = "eps" if r["category"] == "entity" else train.ANCHOR_BY_CATEGORY.get(category, "null")
+        assert d["sweep_of"][r["concept"]] == want
+        assert r["summary"]["FD"] // 100 == {"null": 0, "content": 1, "eps": 2}[want]
     assert d["aggregate"] == sweep.aggregate(d["rows"])
-    assert {d["anchor_of"][c] for c in CONCEPTS} == {"null", "content"}  # the check above can tell them apart
+    assert {d["sweep_of"][c] for c in CONCEPTS} == {"eps", "content"}  # the check above can tell them apart
 
 
 def test_a_missing_anchor_sweep_is_named(tmp_path):
     with pytest.raises(SystemExit, match="content=FILE"):
         only_null = f"null={_write(tmp_path / 'n.json', fake_sweep(0.0))}"
         S.main([only_null, "--defaults", str(tmp_path / "d.json")])
+    assert not (tmp_path / "d.json").exists()
+
+
+@pytest.mark.parametrize("eps_flags", [None, ["--eps", "1e-2"]])
+def test_rows_trained_at_another_eps_than_the_defaults_are_refused(tmp_path, eps_flags):
+    # The entities' rows of a sweep at Table 6's ε (no --eps) or at another --eps are not the defaults'.
+    files = [f"null={_write(tmp_path / 'n.json', fake_sweep(0.0))}",
+             f"content={_write(tmp_path / 'c.json', fake_sweep(100.0))}"]
+    extra = []
+    if eps_flags:
+        files.append(f"eps={_write(tmp_path / 'e.json', {**fake_sweep(200.0), 'train_flags': eps_flags})}")
+        extra = ["--category-from", "entity=eps"]
+    with pytest.raises(SystemExit, match="--category-from entity=LABEL with a sweep run with --eps 0.003"):
+        S.main([*files, *extra, "--defaults", str(tmp_path / "d.json")])
     assert not (tmp_path / "d.json").exists()
 
 

@@ -224,6 +224,10 @@ def model_defaults() -> dict:
         "prompts": DEFAULT_PROMPTS,
         "categories": {c: category[k] for k, cs in world.CONCEPTS.items() for c in cs},
         "preserve": preserve,
+        # ε per category where this world's measurements depart from Table 6 (entity 1e-2): on the sweep of
+        # the 10 entities (4 seeds, held-out templates) 3e-3 drops the other entities' accuracy by 9.6
+        # points on average instead of 16.1 and still erases (Acc_e at most 0.10); README, "The whole world".
+        "eps": {"entity": 3e-3},
     }
 
 
