@@ -62,6 +62,17 @@ def alone(concept: str) -> str:
 
 
 PAPER = ("--anchor", "null")  # every run erases towards v(x_t, ∅), as the paper's Eq. 5 (train.py's --anchor)
+
+
+def paper_eps(concept: str) -> tuple[str, ...]:
+    """--eps at Table 6's value for the concept's category: the tiny model stores its own ε for entities
+    (train.default_eps), the claims are checked with the paper's (a point's own --eps comes later, wins)."""
+    import checkpoint as C
+    import train
+    category = C.read_configs(train.DEFAULT_MODEL).defaults["categories"][concept]
+    return ("--eps", repr(train.EPS_BY_CATEGORY[category]))
+
+
 ESD = ("--losses", "erase")
 FULL_LR = "1e-4"  # full fine-tuning moves every entry of W: α a tenth of the LoRA's (ESD fine-tunes at 1e-5)
 GAP_EVERY = 25  # claim 8: steps between the exact g_t that train.py --check-gtilde logs beside g̃
@@ -242,6 +253,14 @@ def note(out: Path, rec: dict) -> None:
 # One job: train (train.py, its own process), then score
 
 
+def train_command(p: Point, seed: int, lora: Path, quick: bool) -> list[str]:
+    """The training process of a point: the paper's anchor and ε, then the point's own flags (which win)."""
+    script = "finetune.py" if p.kind == "finetune" else "train.py"  # finetune.py: L_erase alone, no ε
+    return [sys.executable, str(ROOT / script), "--concept", p.concept, "--seed", str(seed), "--out",
+            str(lora), "--force", *PAPER, *(paper_eps(p.concept) if script == "train.py" else ()), *p.flags,
+            *(QUICK_TRAIN if quick else ())]
+
+
 def train_lora(p: Point, seed: int, out: Path, quick: bool) -> tuple[Path, dict]:
     """The LoRA of a training point (trained unless kept), and its cost: wall time and the training
     process's peak RSS (this job's only child), saved next to it for a resumed job."""
@@ -250,9 +269,7 @@ def train_lora(p: Point, seed: int, out: Path, quick: bool) -> tuple[Path, dict]
     if lora.exists() and cost.exists():
         return lora, json.loads(cost.read_text())
     lora.parent.mkdir(parents=True, exist_ok=True)
-    script = "finetune.py" if p.kind == "finetune" else "train.py"
-    cmd = [sys.executable, str(ROOT / script), "--concept", p.concept, "--seed", str(seed), "--out",
-           str(lora), "--force", *PAPER, *p.flags, *(QUICK_TRAIN if quick else ())]
+    cmd = train_command(p, seed, lora, quick)
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT, stderr=subprocess.DEVNULL)
     log = [json.loads(s) for s in lora.with_suffix(".jsonl").read_text().splitlines()]

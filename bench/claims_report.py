@@ -491,6 +491,9 @@ NOTES = {
     6: "baselines.localize picks the top-K unified layers by the attention mass image queries put on the "
        "concept's tokens over 8 calibration prompts (not the evaluation's); baselines.dit_localization then "
        "substitutes the empty caption's attention input for the caption rows in those layers.",
+    9: "Each concept alone is `train.py --concept X --anchor null` at Table 6's ε for its category (as every "
+       "point here: the paper's settings, not the tiny model's stored entity ε); merge-N averages the "
+       "first N of those LoRAs of the same seed (w = 1/N, Eq. 63).",
     7: "Times in the table are of runs that shared the CPU with other jobs and mean nothing as a ratio; "
        "the verdict reads `python bench/modes.py` instead, which alternates the two modes on the idle CPU "
        "(bench/results/modes.json). On the tiny model the second backward of the exact mode costs no more "

@@ -178,3 +178,15 @@ def test_lemma_c3_gap_is_read_from_the_gap_check_logs(tmp_path):
     text = R.gap_summary(rows)
     assert "median |g̃ − g| = 0.3 " in text and "at 50% of the steps" in text
     assert R.gap_summary([]).endswith("not run.")
+
+
+def test_every_training_runs_at_the_papers_anchor_and_table_6_eps_unless_the_point_sets_its_own():
+    import train
+    def argv(name):
+        return train.parse_args(claims.train_command(claims.point(name), 0, Path("x"), False)[2:])
+    assert argv("alone-star").eps == train.EPS_BY_CATEGORY["entity"] == 1e-2  # not the tiny model's 3e-3
+    assert argv("alone-star").anchor == "null" and argv("alone-green").anchor == "null"
+    assert argv("alone-green").eps == 1e-2 and argv("default").eps == 1e-3
+    assert argv("eps-1e-1").eps == 0.1  # the point's own --eps comes last
+    full = claims.train_command(claims.point("esd-full-all"), 0, Path("x"), False)
+    assert full[1].endswith("finetune.py") and "--eps" not in full
