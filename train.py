@@ -145,6 +145,9 @@ def add_sample_flags(p: argparse.ArgumentParser) -> None:
                    "\"The whole world, erased one concept at a time\"), null for every other category")
     p.add_argument("--pr-batch", type=int, default=2, help="preservation samples (x_pr, c_pr) per step: "
                    "the Monte-Carlo size of Eq. 8's expectation, and of the L_pr measured for g̃ (Eq. 15)")
+    p.add_argument("--pr-neutral", type=int, default=0, metavar="N", help="also preserve N prompts that "
+                   "name no concept of the category (drawn as --anchor content draws its contents), beside "
+                   "the stored other concepts of the category")
 
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -186,7 +189,7 @@ def concept_prompts(tokenizer: M.Tokenizer, concept: str, aliases: list[str], ca
 
 
 def content_prompts(defaults: dict, preserve: list[str] | None, category: str, names: list[str], n: int,
-                    seed: int) -> list[str]:
+                    seed: int | str) -> list[str]:
     """--anchor content: n prompts of content to pair with the concept, drawn from the preservation prompts
     (all categories the model stores, else --preserve, else GENERIC_PRESERVE) that name neither the concept
     nor any other concept of its category: "a red star" for a style, "Monet, red" for an entity."""
@@ -384,6 +387,8 @@ def check_flags(args) -> set[str]:
     for flag in ("steps", "rank", "pool", "variants", "pr_batch", "checkpoint_every"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)}).")
+    if args.pr_neutral < 0:
+        raise ValueError(f"--pr-neutral must be 0 (none) or a number of prompts (got {args.pr_neutral}).")
     if args.check_gtilde < 0:
         raise ValueError(f"--check-gtilde must be 0 (off) or a number of steps (got {args.check_gtilde}).")
     if args.check_gtilde and (args.mode != "implicit" or args.fixed_lambda is not None or "pr" not in terms):
@@ -522,6 +527,9 @@ def check(args, cfgs: C.Configs | None = None) -> Plan:
     s = check_model_flags(args, cfgs, concept)
     cpr_prompts = preservation_prompts(cfgs.defaults, args.preserve, s["category"], concept,
                                        [concept] + s["aliases"])
+    if args.pr_neutral:  # D_pr's unrelated content too (§4.1): prompts naming no concept of the category
+        cpr_prompts += content_prompts(cfgs.defaults, args.preserve, s["category"], [concept] + s["aliases"],
+                                       args.pr_neutral, f"{args.seed}/neutral")
     anchor, anchors, note = resolve_anchor(args, cfgs, s["category"], [concept] + s["aliases"])
     if anchor == "content":
         cer_prompts, cer_tokens = paired_prompts(cfgs.tokenizer, concept, s["aliases"], s["category"],

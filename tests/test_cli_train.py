@@ -22,6 +22,7 @@ import checkpoint as C
 import cli
 import lora_file
 import train
+import zerase as Z
 from tests.checkpoints import make_random_checkpoint
 from tests.test_cli_sample import refused
 from tests.test_train import args
@@ -72,6 +73,7 @@ CASES = [  # (argv, words the message must hold: the flag or value, and the fix)
     (tiny("van gogh", "--targets", "to_x"), ["--targets 'to_x'", "to_q, to_k or to_v"]),
     (tiny("van gogh", "--rank", "0"), ["--rank", "at least 1"]),
     (tiny("van gogh", "--pr-batch", "0"), ["--pr-batch", "at least 1"]),
+    (tiny("van gogh", "--pr-neutral", "-1"), ["--pr-neutral", "0 (none)"]),
     (tiny("van gogh", "--beta", "inf"), ["--beta", "finite number >= 0"]),
     (tiny("van gogh", "--eta", "-1"), ["--eta", "finite number >= 0"]),
     (tiny("van gogh", "--lora-alpha", "0"), ["--lora-alpha", "finite number > 0"]),
@@ -347,3 +349,18 @@ def test_a_bad_stored_eps_is_one_line_naming_zerase_json_and_eps(random_ckpt, tm
     assert "zerase.json" in line and "--eps" in line and not out.exists()
     a = train.parse_args(args(ckpt, out, "--eps", "0.01"))  # the fix it names works
     assert train.check_model_flags(a, C.read_configs(ckpt), "circle")["eps"] == 0.01
+
+
+@pytest.mark.parametrize("concept", ["Monet", "star", "red"])
+def test_pr_neutral_adds_prompts_naming_no_concept_of_the_category_to_the_stored_ones(concept):
+    cfgs = C.read_configs(TINY)
+    plain = train.check(train.parse_args(tiny(concept))).cpr_prompts
+    more = train.check(train.parse_args(tiny(concept, "--pr-neutral", "12"))).cpr_prompts
+    assert more[:len(plain)] == plain and len(more) == len(plain) + 12
+    category = cfgs.defaults["categories"][concept]
+    same = [c for c, k in cfgs.defaults["categories"].items() if k == category]
+    added = more[len(plain):]
+    assert len(set(added)) == 12 and not any(Z.find_phrases(q, same) for q in added)
+    again = train.check(train.parse_args(tiny(concept, "--pr-neutral", "12"))).cpr_prompts
+    other = train.check(train.parse_args(tiny(concept, "--pr-neutral", "12", "--seed", "1"))).cpr_prompts
+    assert again == more and other != more  # drawn by --seed
