@@ -44,6 +44,7 @@ from sample import DEFAULT_MODEL, denoise, initial_noise, turbo_sigmas
 
 EPS_BY_CATEGORY = {"style": 1e-3, "nudity": 1e-3, "violence": 1e-3, "entity": 1e-2, "abstraction": 1e-2,
                    "celebrity": 1e-2}  # Table 6
+BETA = 0.1  # the paper's dual step size (Algorithm 1's β), for a checkpoint that stores none
 TEMPLATE_BY_CATEGORY = {"style": "An art in the style of {}", "entity": "A photo of {}",
                         "abstraction": "A close scene of {}", "celebrity": "A photo of {}",
                         "nudity": "A photo of {}", "violence": "A photo of {}"}  # Table 7
@@ -92,7 +93,8 @@ def add_algorithm_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optim", choices=["adamw", "sgd"], default="adamw", help="adamw (the paper's optimiser) "
                    "or sgd: the plain step θ ← θ − α·d the derivations assume (with --mode exact, each step "
                    "then keeps the first-order rise of L_pr within αε, Eq. 9)")
-    p.add_argument("--beta", type=float, default=0.1, help="β, step size of the λ update (Eq. 15)")
+    p.add_argument("--beta", type=float, help="β, step size of the λ update (Eq. 13); default: the model's "
+                   "stored value if it has one (the tiny model: 10), else the paper's 0.1")
     p.add_argument("--eta", type=float, default=2.0, help="η, negative guidance of the erase target (Eq. 5)")
     p.add_argument("--eps", type=float, help="ε, preservation tolerance per step, in units of α; default by "
                    "category: the model's stored value if it has one (the tiny model: entity 3e-3), else "
@@ -340,6 +342,7 @@ class Run:
     params: list[torch.nn.Parameter]  # Δθ
     opt: torch.optim.Optimizer
     eps: float
+    beta: float  # the λ update's step size (Eq. 13)
     terms: set[str]  # the loss terms in use: erase, attn, pr (Table 5)
     kind: str  # implicit | exact | fixed
     meta: dict  # settings written into the LoRA file
@@ -365,6 +368,7 @@ class Plan:
     concept: str  # as the model spells it
     category: str
     eps: float
+    beta: float
     aliases: list[str]
     spec: Z.LoRASpec
     terms: set[str]  # the loss terms in use: erase, attn, pr (Table 5)
@@ -447,11 +451,21 @@ def list_concepts(model) -> str:
 def default_eps(defaults: dict, category: str) -> float:
     """ε without --eps: the one the model stores for the category (zerase.json "eps": the tiny model's,
     measured on its world), else Table 6's."""
-    eps = defaults.get("eps", {}).get(category, EPS_BY_CATEGORY[category])
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"the model's zerase.json stores ε = {eps!r} for {category}, not a number ≥ 0; fix "
-                         f"its \"eps\" entry or pass --eps.")
-    return float(eps)
+    return stored_number(defaults.get("eps", {}).get(category, EPS_BY_CATEGORY[category]), "ε", category,
+                         "--eps")
+
+
+def default_beta(defaults: dict) -> float:
+    """β without --beta: the one the model stores (zerase.json "beta": the tiny model's, measured on its
+    world, where L_pr's changes are small and λ climbs too slowly at 0.1), else the paper's."""
+    return stored_number(defaults.get("beta", BETA), "β", "the λ update", "--beta")
+
+
+def stored_number(value, symbol: str, what: str, flag: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"the model's zerase.json stores {symbol} = {value!r} for {what}, not a number ≥ 0; "
+                         f"fix that entry or pass {flag}.")
+    return float(value)
 
 
 def check_model_flags(args, cfgs: C.Configs, concept: str) -> dict:
@@ -470,7 +484,8 @@ def check_model_flags(args, cfgs: C.Configs, concept: str) -> dict:
                          f"{m} pixels); e.g. {max(m, size // m * m)}.")
     lora_alpha = args.lora_alpha or args.deprecated_alpha or float(args.rank)
     eps = args.eps if args.eps is not None else default_eps(cfgs.defaults, category)
-    return {"category": category, "eps": eps,
+    beta = args.beta if args.beta is not None else default_beta(cfgs.defaults)
+    return {"category": category, "eps": eps, "beta": beta,
             "aliases": args.alias or cfgs.defaults.get("aliases", {}).get(concept, []), "size": size,
             "spec": Z.LoRASpec(layers=layers, targets=targets, rank=args.rank, lora_alpha=lora_alpha,
                                gated=not args.no_gate)}
@@ -543,7 +558,7 @@ def check(args, cfgs: C.Configs | None = None) -> Plan:
     out = check_output(args.out or f"loras/{concept.lower().replace(' ', '-')}.safetensors", "--out",
                        (".safetensors",), extra_names=(f"{concept}.ckpt.safetensors.lock",))
     settings = {"concept": concept, "category": s["category"], "aliases": s["aliases"], "eps": s["eps"],
-                "eta": args.eta, "lr": args.lr, "beta": args.beta, "steps": args.steps, "mode": args.mode,
+                "eta": args.eta, "lr": args.lr, "beta": s["beta"], "steps": args.steps, "mode": args.mode,
                 "losses": sorted(terms), "optim": args.optim, "fixed_lambda": args.fixed_lambda,
                 "seed": args.seed, "pool": args.pool, "pr_batch": args.pr_batch,
                 "gtilde_batch": args.gtilde_batch, "gtilde": args.gtilde,
@@ -552,7 +567,7 @@ def check(args, cfgs: C.Configs | None = None) -> Plan:
                 "rank": args.rank, "layers": list(s["spec"].layers), "targets": list(s["spec"].targets),
                 "gate": s["spec"].gated, "preserve": cpr_prompts, "anchor": anchor}
     check_resume(args, cfgs, out, settings)
-    return Plan(concept, s["category"], s["eps"], s["aliases"], s["spec"], terms, s["size"], dtype,
+    return Plan(concept, s["category"], s["eps"], s["beta"], s["aliases"], s["spec"], terms, s["size"], dtype,
                 cer_prompts, cer_tokens, cpr_prompts, out, settings, anchors, note)
 
 
@@ -620,8 +635,9 @@ def prepare(args, zi: C.ZImage | None = None, adapt=Z.add_lora) -> Run:
     kind = "fixed" if args.fixed_lambda is not None or "pr" not in plan.terms else args.mode
     erase.concept_tokens = plan.cer_tokens
     run = Run(args, dit, plan.spec, erase, preserve, c_null, params,
-              OPTIMIZERS[args.optim](params, lr=args.lr), plan.eps, plan.terms, kind, plan.settings, plan.out,
-              plan.out.with_suffix(".ckpt.safetensors"), lam=args.fixed_lambda or 0.0, timings=timings)
+              OPTIMIZERS[args.optim](params, lr=args.lr), plan.eps, plan.beta, plan.terms, kind,
+              plan.settings, plan.out, plan.out.with_suffix(".ckpt.safetensors"),
+              lam=args.fixed_lambda or 0.0, timings=timings)
     # as many steps' references per call as fit in about 4,096 tokens (16 on the tiny model, 1 at 1024²)
     tokens = dit.layout([tuple(erase.x.shape[-2:])], [max(len(c) for c in c_er)]).seq_len
     run.ref_chunk = max(1, min(16, 4096 // tokens, args.steps))
@@ -835,7 +851,7 @@ def implicit_step(run: Run, step: int) -> dict:
             rec.update(L_pr_before_measured=L_before)
     if exact is not None:
         rec.update(exact_g(run, *exact))  # Lemma C.3: g̃ against the exact g_t of the same step
-    run.lam = Z.update_lambda(run.lam, g, run.args.beta)  # Eq. 13: λ ← max(0, λ − β g̃), for the next step
+    run.lam = Z.update_lambda(run.lam, g, run.beta)  # Eq. 13: λ ← max(0, λ − β g̃), for the next step
     return rec
 
 

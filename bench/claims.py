@@ -64,13 +64,14 @@ def alone(concept: str) -> str:
 PAPER = ("--anchor", "null")  # every run erases towards v(x_t, ∅), as the paper's Eq. 5 (train.py's --anchor)
 
 
-def paper_eps(concept: str) -> tuple[str, ...]:
-    """--eps at Table 6's value for the concept's category: the tiny model stores its own ε for entities
-    (train.default_eps), the claims are checked with the paper's (a point's own --eps comes later, wins)."""
+def paper_settings(concept: str) -> tuple[str, ...]:
+    """--eps at Table 6's value for the concept's category and --beta at the paper's 0.1: the tiny model
+    stores its own ε for entities and its own β (train.default_eps, default_beta); the claims are checked
+    with the paper's (a point's own --eps or --beta comes later and wins)."""
     import checkpoint as C
     import train
     category = C.read_configs(train.DEFAULT_MODEL).defaults["categories"][concept]
-    return ("--eps", repr(train.EPS_BY_CATEGORY[category]))
+    return ("--eps", repr(train.EPS_BY_CATEGORY[category]), "--beta", repr(train.BETA))
 
 
 ESD = ("--losses", "erase")
@@ -254,11 +255,11 @@ def note(out: Path, rec: dict) -> None:
 
 
 def train_command(p: Point, seed: int, lora: Path, quick: bool) -> list[str]:
-    """The training process of a point: the paper's anchor and ε, then the point's own flags (which win)."""
+    """A point's training process: the paper's anchor, ε and β, then the point's own flags (which win)."""
     script = "finetune.py" if p.kind == "finetune" else "train.py"  # finetune.py: L_erase alone, no ε
     return [sys.executable, str(ROOT / script), "--concept", p.concept, "--seed", str(seed), "--out",
-            str(lora), "--force", *PAPER, *(paper_eps(p.concept) if script == "train.py" else ()), *p.flags,
-            *(QUICK_TRAIN if quick else ())]
+            str(lora), "--force", *PAPER, *(paper_settings(p.concept) if script == "train.py" else ()),
+            *p.flags, *(QUICK_TRAIN if quick else ())]
 
 
 def train_lora(p: Point, seed: int, out: Path, quick: bool) -> tuple[Path, dict]:

@@ -17,6 +17,7 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
+import torch
 
 import checkpoint as C
 import cli
@@ -364,3 +365,34 @@ def test_pr_neutral_adds_prompts_naming_no_concept_of_the_category_to_the_stored
     again = train.check(train.parse_args(tiny(concept, "--pr-neutral", "12"))).cpr_prompts
     other = train.check(train.parse_args(tiny(concept, "--pr-neutral", "12", "--seed", "1"))).cpr_prompts
     assert again == more and other != more  # drawn by --seed
+
+
+def test_beta_is_the_models_stored_value_else_the_papers_and_beta_overrides(random_ckpt, tmp_path):
+    tiny_cfgs = C.read_configs(TINY)
+    stored = tiny_cfgs.defaults["beta"]
+    assert stored != train.BETA  # the tiny model departs from the paper's 0.1 (README)
+    assert train.check(train.parse_args(tiny("star"))).beta == stored
+    assert train.check(train.parse_args(tiny("star", "--beta", "0.5"))).beta == 0.5
+    plan = train.check(train.parse_args(args(random_ckpt, tmp_path / "x.safetensors")))  # stores none
+    assert plan.beta == train.BETA == 0.1 and plan.settings["beta"] == 0.1
+
+
+def test_a_stored_beta_trains_exactly_the_lora_of_the_same_beta_given_as_a_flag(random_ckpt, tmp_path):
+    import json
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(random_ckpt, ckpt)
+    (ckpt / "zerase.json").write_text(json.dumps({"beta": 5.0}))
+    a, b = tmp_path / "stored.safetensors", tmp_path / "flag.safetensors"
+    train.main(args(ckpt, a, "--steps", "6", "--eps", "0"))  # ε = 0: any rise of L_pr moves λ
+    train.main(args(random_ckpt, b, "--steps", "6", "--eps", "0", "--beta", "5"))
+    (fa, ma), (fb, mb) = lora_file.read_lora(a), lora_file.read_lora(b)
+    assert json.loads(ma["settings"])["beta"] == 5.0 and ma == mb
+    assert all(torch.equal(fa[k], fb[k]) for k in fa) and fa.keys() == fb.keys()
+    log = [json.loads(x) for x in a.with_suffix(".jsonl").read_text().splitlines() if '"step"' in x]
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    log_b = [json.loads(x) for x in b.with_suffix(".jsonl").read_text().splitlines() if '"step"' in x]
+    assert [strip(r) for r in log] == [strip(r) for r in log_b]
+    for r, nxt in zip(log, log[1:]):  # Eq. 13 with the stored β: λ ← max(0, λ − β g̃)
+        assert nxt["lambda"] == pytest.approx(Z.update_lambda(r["lambda"], r["g_tilde"], 5.0), abs=1e-12)
+    assert any(r["lambda"] > 0 for r in log)  # λ moved, so the check above can tell β = 5 from 0.1
