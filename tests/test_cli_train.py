@@ -396,3 +396,15 @@ def test_a_stored_beta_trains_exactly_the_lora_of_the_same_beta_given_as_a_flag(
     for r, nxt in zip(log, log[1:]):  # Eq. 13 with the stored β: λ ← max(0, λ − β g̃)
         assert nxt["lambda"] == pytest.approx(Z.update_lambda(r["lambda"], r["g_tilde"], 5.0), abs=1e-12)
     assert any(r["lambda"] > 0 for r in log)  # λ moved, so the check above can tell β = 5 from 0.1
+
+
+def test_a_bad_stored_beta_is_one_line_naming_zerase_json_and_beta(random_ckpt, tmp_path, capsys):
+    import json
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(random_ckpt, ckpt)
+    (ckpt / "zerase.json").write_text(json.dumps({"beta": -1}))
+    out = tmp_path / "x.safetensors"
+    line = refused(train.main, args(ckpt, out), capsys)
+    assert "zerase.json" in line and "β" in line and "--beta" in line and not out.exists()
+    assert train.check(train.parse_args(args(ckpt, out, "--beta", "0.2"))).beta == 0.2  # the named fix
