@@ -94,7 +94,7 @@ def add_algorithm_flags(p: argparse.ArgumentParser) -> None:
                    "or sgd: the plain step θ ← θ − α·d the derivations assume (with --mode exact, each step "
                    "then keeps the first-order rise of L_pr within αε, Eq. 9)")
     p.add_argument("--beta", type=float, help="β, step size of the λ update (Eq. 13); default: the model's "
-                   "stored value if it has one (the tiny model: 10), else the paper's 0.1")
+                   "stored value if it has one (the tiny model: 100), else the paper's 0.1")
     p.add_argument("--eta", type=float, default=2.0, help="η, negative guidance of the erase target (Eq. 5)")
     p.add_argument("--eps", type=float, help="ε, preservation tolerance per step, in units of α; default by "
                    "category: the model's stored value if it has one (the tiny model: entity 3e-3), else "

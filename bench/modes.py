@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from cli import atomic_write  # noqa: E402
 
 
 def run(mode: str, steps: int, threads: int, out: Path) -> dict:
@@ -58,10 +60,7 @@ def main():
           f"{a.rounds} rounds)")
     figures = {"steps": a.steps, "rounds": a.rounds, "threads": a.threads, "runs": rows,
                "median_ms_per_step": {m: med[m] * 1e3 for m in modes}, "peak_rss_mb": rss}
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.json.with_suffix(".tmp")
-    tmp.write_text(json.dumps(figures, indent=1) + "\n")
-    tmp.replace(a.json)  # never a half-written file
+    atomic_write(a.json, lambda tmp: Path(tmp).write_text(json.dumps(figures, indent=1) + "\n"))
     print(f"wrote {a.json}")
 
 
