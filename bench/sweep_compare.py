@@ -9,8 +9,9 @@ concept, which file does better on each measure. The README's before/after table
 --defaults FILE: with sweeps labelled by train.py's --anchor values, also the sweep of train.py's defaults,
 assembled concept by concept: --anchor auto trains, for a concept, exactly the LoRA of the anchor
 train.ANCHOR_BY_CATEGORY names for its category (tests/test_anchor.py), so its row is that sweep's row.
-Where the model stores its own ε for a category (zerase.json "eps"), those rows come from the sweep that
---category-from names, which must have been run with that --eps (checked against its train.py flags):
+Where the model stores its own ε for a category or its own β (zerase.json "eps", "beta"), every row must
+come from a sweep run with those (checked against its train.py flags --eps, --beta); --category-from
+names the sweep for a category:
 
     python bench/sweep_compare.py null=... content=... eps3e-3=... --category-from entity=eps3e-3 \
         --defaults bench/results/sweep.json
@@ -82,11 +83,13 @@ def defaults(sweeps: list[tuple[str, dict]], category_from: dict[str, str] | Non
         label = category_from.get(r["category"]) or train.ANCHOR_BY_CATEGORY.get(category, "null")
         if label not in by_label:
             raise SystemExit(f"no sweep labelled {label!r} (for {r['concept']!r}); pass {label}=FILE")
-        eps, ran = train.default_eps(stored, category), eps_flag(flags[label])
-        if eps != (ran if ran is not None else train.EPS_BY_CATEGORY[category]):
-            raise SystemExit(f"the defaults train {r['concept']!r} at ε = {eps:g}, the sweep {label!r} did "
-                             f"not; pass --category-from {r['category']}=LABEL with a sweep run with --eps "
-                             f"{eps:g}")
+        settings = (("--eps", train.default_eps(stored, category), train.EPS_BY_CATEGORY[category]),
+                    ("--beta", train.default_beta(stored), train.BETA))
+        for flag, want, paper in settings:
+            if want != ran_at(flags[label], flag, paper):
+                raise SystemExit(f"the defaults train {r['concept']!r} at {flag} {want:g}, the sweep "
+                                 f"{label!r} did not; pass --category-from {r['category']}=LABEL with a "
+                                 f"sweep run with {flag} {want:g}")
         rows.append(by_label[label][r["concept"]])
         source[r["concept"]] = label
     agg = aggregate(rows)
@@ -96,10 +99,11 @@ def defaults(sweeps: list[tuple[str, dict]], category_from: dict[str, str] | Non
             "aggregate": agg, "rows": rows}
 
 
-def eps_flag(flags: list[str]) -> float | None:
-    """The --eps a sweep passed to train.py; a sweep without one ran at Table 6's ε (every sweep here was
-    run before a model stored its own ε; a newer one without --eps would have run at the stored value)."""
-    return float(flags[flags.index("--eps") + 1]) if "--eps" in flags else None
+def ran_at(flags: list[str], flag: str, paper: float) -> float:
+    """The value of a setting the model may store (--eps, --beta) that a sweep passed to train.py; without
+    the flag, the paper's (every sweep here was run before the model stored its own; a newer one without
+    the flag would have run at the stored value)."""
+    return float(flags[flags.index(flag) + 1]) if flag in flags else paper
 
 
 def main(argv=None):

@@ -15,6 +15,7 @@ import train  # noqa: E402
 import checkpoint as C  # noqa: E402
 
 CONCEPTS = {"Van Gogh": "style", "star": "entity", "red": "colour"}  # the world's categories
+BETA = train.default_beta(C.read_configs(train.DEFAULT_MODEL).defaults)  # the tiny model's stored β
 
 
 def fake_sweep(offset: float) -> dict:
@@ -25,12 +26,12 @@ def fake_sweep(offset: float) -> dict:
         summary.update({f"{key}_at": "x" for key, *_ in sweep.MEASURES.values()})
         rows.append({"concept": c, "category": cat, "summary": summary})
     return {"command": f"sweep {offset}", "prompts": 5, "seeds": [0], "sizes": {}, "rows": rows,
-            "aggregate": sweep.aggregate(rows)}
+            "aggregate": sweep.aggregate(rows), "train_flags": ["--beta", repr(BETA)]}
 
 
 def test_each_row_comes_from_its_categorys_anchor_or_the_sweep_of_its_stored_eps(tmp_path):
     null, content, eps = fake_sweep(0.0), fake_sweep(100.0), fake_sweep(200.0)
-    eps["train_flags"] = ["--eps", "3e-3"]  # the ε the tiny model stores for entities
+    eps["train_flags"] += ["--eps", "3e-3"]  # the ε the tiny model stores for entities
     out = tmp_path / "defaults.json"
     files = [f"null={_write(tmp_path / 'n.json', null)}", f"content={_write(tmp_path / 'c.json', content)}",
              f"eps={_write(tmp_path / 'e.json', eps)}"]
@@ -60,10 +61,21 @@ def test_rows_trained_at_another_eps_than_the_defaults_are_refused(tmp_path, eps
              f"content={_write(tmp_path / 'c.json', fake_sweep(100.0))}"]
     extra = []
     if eps_flags:
-        files.append(f"eps={_write(tmp_path / 'e.json', {**fake_sweep(200.0), 'train_flags': eps_flags})}")
+        flags = eps_flags + ["--beta", repr(BETA)]
+        files.append(f"eps={_write(tmp_path / 'e.json', {**fake_sweep(200.0), 'train_flags': flags})}")
         extra = ["--category-from", "entity=eps"]
     with pytest.raises(SystemExit, match="--category-from entity=LABEL with a sweep run with --eps 0.003"):
         S.main([*files, *extra, "--defaults", str(tmp_path / "d.json")])
+    assert not (tmp_path / "d.json").exists()
+
+
+def test_rows_trained_at_another_beta_than_the_models_stored_one_are_refused(tmp_path):
+    # Sweeps run at the paper's β (no --beta) are not the defaults' sweep once the model stores its own.
+    assert BETA != train.BETA
+    paper = [{**fake_sweep(x), "train_flags": []} for x in (0.0, 100.0)]
+    files = [f"{k}={_write(tmp_path / f'{k}.json', d)}" for k, d in zip(("null", "content"), paper)]
+    with pytest.raises(SystemExit, match=f"with a sweep run with --beta {BETA:g}"):
+        S.main([*files, "--defaults", str(tmp_path / "d.json")])
     assert not (tmp_path / "d.json").exists()
 
 
