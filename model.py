@@ -409,6 +409,47 @@ class Layout:
         """Unified row of caption token j of item i."""
         return self.n_img_padded[i] + j
 
+    @staticmethod
+    def of(n_img: list[int], n_img_padded: list[int], n_cap: list[int], n_cap_padded: list[int]) -> "Layout":
+        """The layout of items with these lengths; S is the longest item's image + caption rows."""
+        return Layout(list(n_img), list(n_img_padded), list(n_cap), list(n_cap_padded),
+                      max(a + b for a, b in zip(n_img_padded, n_cap_padded)))
+
+
+@dataclass
+class Refined:
+    """What the unified layers start from: each item's image tokens after the noise refiner and caption
+    tokens after the context refiner (padded to the layout's lengths), their RoPE rotations, and the
+    timestep conditioning c. Items are independent until the unified layers, so a batch's Refined can be
+    assembled from parts refined in separate calls (`cat`, `take`): train.py refines the preservation
+    pool once, since nothing the LoRA trains sits in the refiners."""
+    img: list[torch.Tensor]  # per item (n_img_padded_i, D)
+    img_freqs: list[torch.Tensor]  # per item (n_img_padded_i, head_dim/2) complex64
+    cap: list[torch.Tensor]  # per item (n_cap_padded_i, D)
+    cap_freqs: list[torch.Tensor]  # per item (n_cap_padded_i, head_dim/2) complex64
+    c: torch.Tensor  # (B, adaln) timestep conditioning
+    sizes: list[tuple[int, int]]  # per item the latent's (H, W)
+    lay: Layout
+    stacked: bool = True  # the caller's x was one tensor: unified returns one
+
+    def take(self, idx: list[int]) -> "Refined":
+        """Items idx, in that order (repeats allowed)."""
+        items = {f: [getattr(self, f)[i] for i in idx] for f in _ITEM_FIELDS}
+        lay = Layout.of(*([getattr(self.lay, f)[i] for i in idx] for f in _LENGTH_FIELDS))
+        return Refined(**items, c=self.c[idx], lay=lay, stacked=self.stacked)
+
+    @staticmethod
+    def cat(parts: list["Refined"]) -> "Refined":
+        """The items of every part, in order."""
+        items = {f: [v for r in parts for v in getattr(r, f)] for f in _ITEM_FIELDS}
+        lay = Layout.of(*([n for r in parts for n in getattr(r.lay, f)] for f in _LENGTH_FIELDS))
+        return Refined(**items, c=torch.cat([r.c for r in parts]), lay=lay,
+                       stacked=all(r.stacked for r in parts))
+
+
+_ITEM_FIELDS = ("img", "img_freqs", "cap", "cap_freqs", "sizes")  # Refined's per-item lists
+_LENGTH_FIELDS = ("n_img", "n_img_padded", "n_cap", "n_cap_padded")  # Layout's
+
 
 def _pad32(n: int) -> int:
     return n + (-n) % SEQ_MULTI_OF
@@ -451,9 +492,7 @@ class ZImageTransformer(nn.Module):
         """Layout for latents of (H, W) sizes and captions of cap_lens real tokens."""
         p = self.cfg.patch
         n_img = [(h // p) * (w // p) for h, w in sizes]
-        n_img_padded, n_cap_padded = [_pad32(n) for n in n_img], [_pad32(n) for n in cap_lens]
-        return Layout(n_img, n_img_padded, list(cap_lens), n_cap_padded,
-                      max(a + b for a, b in zip(n_img_padded, n_cap_padded)))
+        return Layout.of(n_img, [_pad32(n) for n in n_img], cap_lens, [_pad32(n) for n in cap_lens])
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(C, H, W) -> (H/p * W/p, p*p*C): tokens row-major; in each, channel fastest, then pw, then ph
@@ -509,10 +548,17 @@ class ZImageTransformer(nn.Module):
         cap_feats: list of (L_i, cap_feat_dim) text features, real tokens only.
         Returns v ~ x0 - noise, same structure as x (stacked tensor in, tensor out).
         """
+        return self.unified(self.refine(x, t, cap_feats), return_layout)
+
+    def refine(self, x, t: torch.Tensor, cap_feats: list[torch.Tensor]) -> Refined:
+        """The first half of forward: the timestep embedding, the image and caption embeddings, and the two
+        refiner stacks, each stream on its own (noise refiner: image tokens, modulated by t; context
+        refiner: caption tokens, unmodulated)."""
         stacked = torch.is_tensor(x)
         xs = list(x.unbind(0)) if stacked else list(x)
         cfg = self.cfg
-        lay = self.layout([tuple(xi.shape[-2:]) for xi in xs], [len(c) for c in cap_feats])
+        sizes = [tuple(xi.shape[-2:]) for xi in xs]
+        lay = self.layout(sizes, [len(c) for c in cap_feats])
         c = self.t_embedder(t * cfg.t_scale).to(self.x_pad_token.dtype)  # (B, adaln)
         img, img_pos, cap, cap_pos = self.embed(xs, cap_feats, lay)
 
@@ -524,11 +570,17 @@ class ZImageTransformer(nn.Module):
         cfreqs, _ = _batch([rope_freqs(p, cfg.axes_dims, cfg.rope_theta) for p in cap_pos])
         for blk in self.context_refiner:
             cb = blk(cb, cfreqs, cmask)
+        a, b = lay.n_img_padded, lay.n_cap_padded  # each item's rows, batch padding dropped
+        return Refined([xb[i, :a[i]] for i in range(len(xs))], [xfreqs[i, :a[i]] for i in range(len(xs))],
+                       [cb[i, :b[i]] for i in range(len(xs))], [cfreqs[i, :b[i]] for i in range(len(xs))],
+                       c, sizes, lay, stacked)
 
-        # the unified sequence: image rows first, then caption rows (as diffusers' ZImageTransformer2DModel)
-        lengths = list(enumerate(zip(lay.n_img_padded, lay.n_cap_padded)))
-        u, umask = _batch([torch.cat([xb[i, :a], cb[i, :b]]) for i, (a, b) in lengths])
-        ufreqs, _ = _batch([torch.cat([xfreqs[i, :a], cfreqs[i, :b]]) for i, (a, b) in lengths])
+    def unified(self, r: Refined, return_layout: bool = False):
+        """The second half of forward: the unified layers over one sequence per item (image rows first,
+        then caption rows, as diffusers' ZImageTransformer2DModel), the final layer, and unpatchify."""
+        u, umask = _batch([torch.cat([a, b]) for a, b in zip(r.img, r.cap)])  # (B, S, D)
+        ufreqs, _ = _batch([torch.cat([a, b]) for a, b in zip(r.img_freqs, r.cap_freqs)])
+        lay, c = r.lay, r.c
         text_rows = lay.text_rows(u.device)
         for blk in self.layers:
             inputs = (u, ufreqs, umask, c, text_rows)
@@ -538,8 +590,8 @@ class ZImageTransformer(nn.Module):
                 u = blk(*inputs)
         u = self.all_final_layer[next(iter(self.all_final_layer))](u, c)
 
-        out = [self.unpatchify(u[i, :n], *xi.shape[-2:]) for i, (n, xi) in enumerate(zip(lay.n_img, xs))]
-        out = torch.stack(out) if stacked else out
+        out = [self.unpatchify(u[i, :n], *hw) for i, (n, hw) in enumerate(zip(lay.n_img, r.sizes))]
+        out = torch.stack(out) if r.stacked else out
         return (out, lay) if return_layout else out
 
 
