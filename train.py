@@ -60,6 +60,9 @@ GENERIC_PRESERVE = ["a photo of a dog", "a portrait of a woman", "a landscape wi
 
 DEFAULT_RESOLUTION = 512  # for checkpoints that store none (the real model): README, "Real Z-Image-Turbo"
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}  # default hyper-parameters otherwise
+# the preservation pool's refiner outputs are kept when they fit in this many bytes (the tiny model's take
+# 44 MB; the real model's at 512² several GB, so it refines every batch as it comes): train.refine_pool
+REFINED_BUDGET = 2**30
 
 
 def parse_args(argv=None):
@@ -280,6 +283,7 @@ class PreserveBatch:
     c_pr: list[Tensor]  # the prompt of each sample's trajectory
     v_null: Tensor  # (K, C, h, w) v_θ(x_pr, ∅)
     v_c: Tensor  # (K, C, h, w) v_θ(x_pr, c_pr)
+    refined: M.Refined | None = None  # the 2K items of inputs() after the refiners, when the pool keeps them
 
     def inputs(self, c_null: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
         """Each sample twice, (x_pr, ∅) then (x_pr, c_pr): x (2K, C, h, w), t (2K,), 2K captions."""
@@ -294,13 +298,43 @@ class PreservePool:
     c_pr: list[Tensor]  # per state
     v_null: Tensor
     v_c: Tensor
+    refined: M.Refined | None = None  # every state as (x_pr, ∅), then every state as (x_pr, c_pr)
 
     def __len__(self) -> int:
         return len(self.x)
 
     def batch(self, idx: list[int]) -> PreserveBatch:
+        refined = self.refined.take(idx + [len(self) + i for i in idx]) if self.refined else None
         return PreserveBatch(self.x[idx], self.t[idx], [self.c_pr[i] for i in idx], self.v_null[idx],
-                             self.v_c[idx])
+                             self.v_c[idx], refined)
+
+
+@torch.no_grad()
+def refine_pool(dit, pool: PreservePool, c_null: Tensor, chunk: int = 16) -> M.Refined | None:
+    """The refiners' outputs for every preservation input, (x_pr, ∅) then (x_pr, c_pr), computed once. The
+    LoRA sits in the unified layers only and the timestep embedding is frozen, so these are what every
+    step would compute again from the same states and prompts; a step then runs only the unified layers
+    on its preservation samples. None when they would not fit in REFINED_BUDGET bytes."""
+    n, cfg = len(pool), dit.cfg
+    seq = dit.layout([tuple(pool.x.shape[-2:])], [max(len(c) for c in pool.c_pr + [c_null])]).seq_len
+    per_token = cfg.dim * dit.x_pad_token.element_size() + cfg.head_dim // 2 * 8  # tokens + complex64 RoPE
+    if 2 * n * seq * per_token > REFINED_BUDGET:
+        return None
+    conds = [c_null] * n + pool.c_pr
+    x, t = torch.cat([pool.x, pool.x]), torch.cat([pool.t, pool.t])
+    return M.Refined.cat([dit.refine(x[i:i + chunk], t[i:i + chunk], conds[i:i + chunk])
+                          for i in range(0, 2 * n, chunk)])
+
+
+def refiners_train(dit) -> bool:
+    """Whether anything trainable sits before the unified layers (then no refiner output may be kept)."""
+    return any(p.requires_grad for name, p in dit.named_parameters()
+               if not name.startswith(("layers.", "all_final_layer.")))
+
+
+def pr_streams(dit, pr: PreserveBatch, c_null: Tensor) -> M.Refined:
+    """The preservation batch's 2K inputs after the refiners: kept by the pool, else computed now."""
+    return pr.refined if pr.refined is not None else dit.refine(*pr.inputs(c_null))
 
 
 def build_pools(zi: C.ZImage, args, c_er: list[Tensor], c_pr: list[Tensor], c_null: Tensor, size: int,
@@ -326,8 +360,9 @@ def build_pools(zi: C.ZImage, args, c_er: list[Tensor], c_pr: list[Tensor], c_nu
     v_anchor = frozen_velocities(dit, x_t, sigma_t, [c_anchor[i] for i in prompt_of]) if c_anchor else v_null
     dt = zi.dtype  # stored in the DiT's dtype, which is what the DiT casts its inputs to anyway
     x_t, v_anchor, x_pr, v_pr, v_pr_null = (a.to(dt) for a in (x_t, v_anchor, x_pr, v_pr, v_pr_null))
-    return (ErasePool(x_t, 1 - sigma_t.to(zi.device), v_anchor, c_er, prompt_of=prompt_of),
-            PreservePool(x_pr, 1 - sigma_pr.to(zi.device), [conds[i] for i in idx], v_pr_null, v_pr))
+    preserve = PreservePool(x_pr, 1 - sigma_pr.to(zi.device), [conds[i] for i in idx], v_pr_null, v_pr)
+    preserve.refined = refine_pool(dit, preserve, c_null)
+    return ErasePool(x_t, 1 - sigma_t.to(zi.device), v_anchor, c_er, prompt_of=prompt_of), preserve
 
 
 @dataclass
@@ -632,6 +667,8 @@ def prepare(args, zi: C.ZImage | None = None, adapt=Z.add_lora) -> Run:
     with stage(f"trajectory pools and frozen references at {plan.size}x{plan.size}", timings, "pools"):
         erase, preserve = build_pools(zi, args, c_er, c_pr, c_null, plan.size, c_anchor)
     params = adapt(dit, plan.spec, seed=args.seed)
+    if refiners_train(dit):  # the kept refiner outputs are the base model's: they would go stale
+        preserve.refined = None
     kind = "fixed" if args.fixed_lambda is not None or "pr" not in plan.terms else args.mode
     erase.concept_tokens = plan.cer_tokens
     run = Run(args, dit, plan.spec, erase, preserve, c_null, params,
@@ -716,12 +753,11 @@ def losses(run: Run, er: EraseSample, pr: PreserveBatch, probed: ExitStack) -> t
     (x_t, c_er) and the K preservation samples, each twice. The attention probe is entered on `probed`;
     the caller closes it after backward (gradient checkpointing recomputes the probed layers there)."""
     dit = run.dit
-    x_pr, t_pr, caps_pr = pr.inputs(run.c_null)
-    x, t, caps = torch.cat([er.x, x_pr]), torch.cat([er.t, t_pr]), [er.c_er] + caps_pr  # (1 + 2K, C, h, w)
-    lay = dit.layout([tuple(x.shape[-2:])] * len(caps), [len(c) for c in caps])
-    probe = Z.AttentionProbe(lay, [er.concept_tokens] + [[]] * len(caps_pr))
+    # 1 + 2K items: (x_t, c_er), then the preservation inputs (refined by the pool when it keeps them)
+    streams = M.Refined.cat([dit.refine(er.x, er.t, [er.c_er]), pr_streams(dit, pr, run.c_null)])
+    probe = Z.AttentionProbe(streams.lay, [er.concept_tokens] + [[]] * 2 * len(pr.x))
     probed.enter_context(Z.attention_probe(dit, run.spec.layers if "attn" in run.terms else (), probe))
-    v = dit(x, t, caps)
+    v = dit.unified(streams)  # (1 + 2K, C, h, w)
     zero = v.new_zeros(()).float()
     L_erase = (Z.erase_loss(v[0], Z.erase_target(er.v_anchor, er.v_c, run.args.eta))  # Eq. 5
                if "erase" in run.terms else zero)
@@ -732,7 +768,7 @@ def losses(run: Run, er: EraseSample, pr: PreserveBatch, probed: ExitStack) -> t
 @torch.no_grad()
 def pr_value(run: Run, pr: PreserveBatch) -> float:
     """L_pr (Eq. 8) of the current LoRA on a preservation batch, without gradients."""
-    return pr_loss(run.dit(*pr.inputs(run.c_null)), pr).item()
+    return pr_loss(run.dit.unified(pr_streams(run.dit, pr, run.c_null)), pr).item()
 
 
 class NonFiniteLoss(Exception):
@@ -809,7 +845,7 @@ def pr_change(run: Run, batch: PreserveBatch, theta_before: list[Tensor]) -> flo
 def pr_gradient(run: Run, batch: PreserveBatch) -> tuple[list[Tensor], list[Tensor]]:
     """∇L_pr(θ_{t-1}) on a batch, and θ_{t-1} itself (the LoRA parameters): what --check-gtilde needs."""
     theta = [p.detach().clone() for p in run.params]
-    L_pr = pr_loss(run.dit(*batch.inputs(run.c_null)), batch)
+    L_pr = pr_loss(run.dit.unified(pr_streams(run.dit, batch, run.c_null)), batch)
     return list(torch.autograd.grad(L_pr, run.params, materialize_grads=True)), theta
 
 
