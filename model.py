@@ -570,10 +570,9 @@ class ZImageTransformer(nn.Module):
         cfreqs, _ = _batch([rope_freqs(p, cfg.axes_dims, cfg.rope_theta) for p in cap_pos])
         for blk in self.context_refiner:
             cb = blk(cb, cfreqs, cmask)
-        a, b = lay.n_img_padded, lay.n_cap_padded  # each item's rows, batch padding dropped
-        return Refined([xb[i, :a[i]] for i in range(len(xs))], [xfreqs[i, :a[i]] for i in range(len(xs))],
-                       [cb[i, :b[i]] for i in range(len(xs))], [cfreqs[i, :b[i]] for i in range(len(xs))],
-                       c, sizes, lay, stacked)
+        rows = lambda batch, lengths: [batch[i, :n] for i, n in enumerate(lengths)]  # noqa: E731 (padding off)
+        return Refined(rows(xb, lay.n_img_padded), rows(xfreqs, lay.n_img_padded), rows(cb, lay.n_cap_padded),
+                       rows(cfreqs, lay.n_cap_padded), c, sizes, lay, stacked)
 
     def unified(self, r: Refined, return_layout: bool = False):
         """The second half of forward: the unified layers over one sequence per item (image rows first,

@@ -311,8 +311,8 @@ class PreservePool:
 
 @torch.no_grad()
 def refine_pool(dit, pool: PreservePool, c_null: Tensor, chunk: int = 16) -> M.Refined | None:
-    """The refiners' outputs for every preservation input, (x_pr, ∅) then (x_pr, c_pr), computed once. The
-    LoRA sits in the unified layers only and the timestep embedding is frozen, so these are what every
+    """The refiners' outputs for every preservation input, (x_pr, ∅) then (x_pr, c_pr), computed once, for
+    a model whose refiners and timestep embedding do not train (refiners_train): these are what every
     step would compute again from the same states and prompts; a step then runs only the unified layers
     on its preservation samples. None when they would not fit in REFINED_BUDGET bytes."""
     n, cfg = len(pool), dit.cfg
@@ -360,9 +360,8 @@ def build_pools(zi: C.ZImage, args, c_er: list[Tensor], c_pr: list[Tensor], c_nu
     v_anchor = frozen_velocities(dit, x_t, sigma_t, [c_anchor[i] for i in prompt_of]) if c_anchor else v_null
     dt = zi.dtype  # stored in the DiT's dtype, which is what the DiT casts its inputs to anyway
     x_t, v_anchor, x_pr, v_pr, v_pr_null = (a.to(dt) for a in (x_t, v_anchor, x_pr, v_pr, v_pr_null))
-    preserve = PreservePool(x_pr, 1 - sigma_pr.to(zi.device), [conds[i] for i in idx], v_pr_null, v_pr)
-    preserve.refined = refine_pool(dit, preserve, c_null)
-    return ErasePool(x_t, 1 - sigma_t.to(zi.device), v_anchor, c_er, prompt_of=prompt_of), preserve
+    return (ErasePool(x_t, 1 - sigma_t.to(zi.device), v_anchor, c_er, prompt_of=prompt_of),
+            PreservePool(x_pr, 1 - sigma_pr.to(zi.device), [conds[i] for i in idx], v_pr_null, v_pr))
 
 
 @dataclass
@@ -667,8 +666,9 @@ def prepare(args, zi: C.ZImage | None = None, adapt=Z.add_lora) -> Run:
     with stage(f"trajectory pools and frozen references at {plan.size}x{plan.size}", timings, "pools"):
         erase, preserve = build_pools(zi, args, c_er, c_pr, c_null, plan.size, c_anchor)
     params = adapt(dit, plan.spec, seed=args.seed)
-    if refiners_train(dit):  # the kept refiner outputs are the base model's: they would go stale
-        preserve.refined = None
+    if not refiners_train(dit):  # else the refiner outputs change every step: nothing to keep
+        with stage("refining the preservation pool", timings, "refine"):
+            preserve.refined = refine_pool(dit, preserve, c_null)
     kind = "fixed" if args.fixed_lambda is not None or "pr" not in plan.terms else args.mode
     erase.concept_tokens = plan.cer_tokens
     run = Run(args, dit, plan.spec, erase, preserve, c_null, params,
