@@ -60,8 +60,8 @@ GENERIC_PRESERVE = ["a photo of a dog", "a portrait of a woman", "a landscape wi
 
 DEFAULT_RESOLUTION = 512  # for checkpoints that store none (the real model): README, "Real Z-Image-Turbo"
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}  # default hyper-parameters otherwise
-# the preservation pool's refiner outputs are kept when they fit in this many bytes (the tiny model's take
-# 44 MB; the real model's at 512² several GB, so it refines every batch as it comes): train.refine_pool
+# each pool's refiner outputs are kept when they fit in this many bytes (the tiny model's preservation pool
+# takes 44 MB; the real model's at 512² several GB, so it refines every batch as it comes): refine_states
 REFINED_BUDGET = 2**30
 
 
@@ -273,6 +273,8 @@ class ErasePool:
     c_er: list[Tensor]  # encoded erase prompts (word-shuffled variants), each (L_variant, cap_feat_dim)
     concept_tokens: list[list[int]] | None = None  # per variant: caption indices of the concept's tokens
     prompt_of: list[int] | None = None  # --anchor content: the erase prompt of each state's trajectory
+    v_c: Tensor | None = None  # (n, C, h, w) with prompt_of: frozen v_θ(x_t, c_er) of each state's own prompt
+    refined: M.Refined | None = None  # with prompt_of: each state's (x_t, c_er) after the refiners
 
 
 @dataclass
@@ -310,20 +312,32 @@ class PreservePool:
 
 
 @torch.no_grad()
-def refine_pool(dit, pool: PreservePool, c_null: Tensor, chunk: int = 16) -> M.Refined | None:
-    """The refiners' outputs for every preservation input, (x_pr, ∅) then (x_pr, c_pr), computed once, for
-    a model whose refiners and timestep embedding do not train (refiners_train): these are what every
-    step would compute again from the same states and prompts; a step then runs only the unified layers
-    on its preservation samples. None when they would not fit in REFINED_BUDGET bytes."""
-    n, cfg = len(pool), dit.cfg
-    seq = dit.layout([tuple(pool.x.shape[-2:])], [max(len(c) for c in pool.c_pr + [c_null])]).seq_len
+def refine_states(dit, x: Tensor, t: Tensor, conds: list[Tensor], chunk: int = 16) -> M.Refined | None:
+    """The refiners' outputs for inputs (x_i, t_i, conds_i) that every step would compute again from the same
+    states and prompts, computed once, for a model whose refiners and timestep embedding do not train
+    (refiners_train); a step then runs only the unified layers on them. None when they would not fit in
+    REFINED_BUDGET bytes."""
+    cfg = dit.cfg
+    seq = dit.layout([tuple(x.shape[-2:])], [max(len(c) for c in conds)]).seq_len
     per_token = cfg.dim * dit.x_pad_token.element_size() + cfg.head_dim // 2 * 8  # tokens + complex64 RoPE
-    if 2 * n * seq * per_token > REFINED_BUDGET:
+    if len(x) * seq * per_token > REFINED_BUDGET:
         return None
-    conds = [c_null] * n + pool.c_pr
-    x, t = torch.cat([pool.x, pool.x]), torch.cat([pool.t, pool.t])
     return M.Refined.cat([dit.refine(x[i:i + chunk], t[i:i + chunk], conds[i:i + chunk])
-                          for i in range(0, 2 * n, chunk)])
+                          for i in range(0, len(x), chunk)])
+
+
+def refine_pool(dit, pool: PreservePool, c_null: Tensor) -> M.Refined | None:
+    """The preservation pool's inputs after the refiners: every state as (x_pr, ∅), then as (x_pr, c_pr)."""
+    return refine_states(dit, torch.cat([pool.x, pool.x]), torch.cat([pool.t, pool.t]),
+                         [c_null] * len(pool) + pool.c_pr)
+
+
+def refine_erase_pool(dit, pool: ErasePool) -> M.Refined | None:
+    """The erase pool's inputs (x_t, c_er) after the refiners, when each state has its own erase prompt
+    (--anchor content); else a step pairs a state with any variant and there is no fixed input to keep."""
+    if pool.prompt_of is None:
+        return None
+    return refine_states(dit, pool.x, pool.t, [pool.c_er[i] for i in pool.prompt_of])
 
 
 def refiners_train(dit) -> bool:
@@ -350,7 +364,7 @@ def build_pools(zi: C.ZImage, args, c_er: list[Tensor], c_pr: list[Tensor], c_nu
 
     er_conds = [c_er[i % len(c_er)] for i in range(max(args.pool, len(c_er)))] if c_anchor else \
         [c_er[0]] * args.pool  # --anchor content: a trajectory per erase prompt; else all under the first
-    x_t, sigma_t, er_idx, _, v_null = pool(er_conds, args.seed)
+    x_t, sigma_t, er_idx, v_er, v_null = pool(er_conds, args.seed)  # v_er = v_θ(x_t, its trajectory's c_er)
     conds = [c_pr[i % len(c_pr)] for i in range(max(args.pool, len(c_pr)))]  # a prompt per trajectory
     x_pr, sigma_pr, idx, v_pr, v_pr_null = pool(conds, args.seed + 1)  # v_pr = v_θ(x_pr, c_pr)
     if v_pr_null is None:  # sampled without CFG: the unconditional outputs are still to be computed
@@ -359,8 +373,12 @@ def build_pools(zi: C.ZImage, args, c_er: list[Tensor], c_pr: list[Tensor], c_nu
     prompt_of = [int(i) % len(c_er) for i in er_idx] if c_anchor else None
     v_anchor = frozen_velocities(dit, x_t, sigma_t, [c_anchor[i] for i in prompt_of]) if c_anchor else v_null
     dt = zi.dtype  # stored in the DiT's dtype, which is what the DiT casts its inputs to anyway
-    x_t, v_anchor, x_pr, v_pr, v_pr_null = (a.to(dt) for a in (x_t, v_anchor, x_pr, v_pr, v_pr_null))
-    return (ErasePool(x_t, 1 - sigma_t.to(zi.device), v_anchor, c_er, prompt_of=prompt_of),
+    x_t, v_anchor, v_er, x_pr, v_pr, v_pr_null = (a.to(dt) for a in (x_t, v_anchor, v_er, x_pr, v_pr,
+                                                                   v_pr_null))
+    # --anchor content: a state's erase prompt is its trajectory's, so Eq. 5's v_θ(x_t, c_er) is the output
+    # the sampler computed there; else a step pairs a state with any variant and frozen_reference computes it
+    return (ErasePool(x_t, 1 - sigma_t.to(zi.device), v_anchor, c_er, prompt_of=prompt_of,
+                      v_c=v_er if c_anchor else None),
             PreservePool(x_pr, 1 - sigma_pr.to(zi.device), [conds[i] for i in idx], v_pr_null, v_pr))
 
 
@@ -667,8 +685,9 @@ def prepare(args, zi: C.ZImage | None = None, adapt=Z.add_lora) -> Run:
         erase, preserve = build_pools(zi, args, c_er, c_pr, c_null, plan.size, c_anchor)
     params = adapt(dit, plan.spec, seed=args.seed)
     if not refiners_train(dit):  # else the refiner outputs change every step: nothing to keep
-        with stage("refining the preservation pool", timings, "refine"):
+        with stage("refining the pools", timings, "refine"):
             preserve.refined = refine_pool(dit, preserve, c_null)
+            erase.refined = refine_erase_pool(dit, erase)
     kind = "fixed" if args.fixed_lambda is not None or "pr" not in plan.terms else args.mode
     erase.concept_tokens = plan.cer_tokens
     run = Run(args, dit, plan.spec, erase, preserve, c_null, params,
@@ -684,6 +703,8 @@ def prepare(args, zi: C.ZImage | None = None, adapt=Z.add_lora) -> Run:
     if args.resume:
         state = C.load_training_state(run.ckpt, {"lora": dit}, {"opt": run.opt}, only=lambda k: "lora_" in k)
         run.lam, run.step = state["lambda"], state["step"]
+        if run.meter is not None:
+            run.meter.carried = state.get("L_pr_before")
         print(f"resumed from {run.ckpt} at step {run.step}", file=sys.stderr)
     run.log = open_log(plan.out.with_suffix(".jsonl"), run.step if args.resume else 0)
     return run
@@ -702,7 +723,8 @@ class EraseSample:
     v_anchor: Tensor  # (C, h, w)
     c_er: Tensor
     concept_tokens: list[int]
-    v_c: Tensor | None = None  # (C, h, w), from frozen_reference
+    v_c: Tensor | None = None  # (C, h, w): the pool's, else from frozen_reference
+    refined: M.Refined | None = None  # (x_t, c_er) after the refiners, when the pool keeps them
 
 
 def _draw_erase(run: Run, rng: random.Random) -> EraseSample:
@@ -710,7 +732,9 @@ def _draw_erase(run: Run, rng: random.Random) -> EraseSample:
     j, variant = rng.randrange(len(e.x)), rng.randrange(len(e.c_er))
     if e.prompt_of is not None:  # --anchor content: the prompt whose trajectory x_t is on, with its anchor
         variant = e.prompt_of[j]
-    return EraseSample(e.x[j:j + 1], e.t[j:j + 1], e.v_anchor[j], e.c_er[variant], e.concept_tokens[variant])
+    return EraseSample(e.x[j:j + 1], e.t[j:j + 1], e.v_anchor[j], e.c_er[variant], e.concept_tokens[variant],
+                       v_c=e.v_c[j] if e.v_c is not None else None,
+                       refined=e.refined.take([j]) if e.refined is not None else None)
 
 
 def _step_rng(run: Run, step: int) -> random.Random:
@@ -722,7 +746,8 @@ def draw(run: Run, step: int) -> tuple[EraseSample, PreserveBatch]:
     function of (seed, step), so a resumed run draws what the uninterrupted one did."""
     rng = _step_rng(run, step)
     er = _draw_erase(run, rng)
-    er.v_c = frozen_reference(run, step)
+    if er.v_c is None:  # the pool has no reference for this (state, prompt) pair
+        er.v_c = frozen_reference(run, step)
     return er, run.preserve.batch([rng.randrange(len(run.preserve)) for _ in range(run.args.pr_batch)])
 
 
@@ -754,7 +779,8 @@ def losses(run: Run, er: EraseSample, pr: PreserveBatch, probed: ExitStack) -> t
     the caller closes it after backward (gradient checkpointing recomputes the probed layers there)."""
     dit = run.dit
     # 1 + 2K items: (x_t, c_er), then the preservation inputs (refined by the pool when it keeps them)
-    streams = M.Refined.cat([dit.refine(er.x, er.t, [er.c_er]), pr_streams(dit, pr, run.c_null)])
+    er_streams = er.refined if er.refined is not None else dit.refine(er.x, er.t, [er.c_er])
+    streams = M.Refined.cat([er_streams, pr_streams(dit, pr, run.c_null)])
     probe = Z.AttentionProbe(streams.lay, [er.concept_tokens] + [[]] * 2 * len(pr.x))
     probed.enter_context(Z.attention_probe(dit, run.spec.layers if "attn" in run.terms else (), probe))
     v = dit.unified(streams)  # (1 + 2K, C, h, w)
@@ -766,9 +792,19 @@ def losses(run: Run, er: EraseSample, pr: PreserveBatch, probed: ExitStack) -> t
 
 
 @torch.no_grad()
+def pr_values(run: Run, batches: list[PreserveBatch]) -> list[float]:
+    """L_pr (Eq. 8) of the current LoRA on each of several preservation batches, from one DiT call."""
+    v = run.dit.unified(M.Refined.cat([pr_streams(run.dit, pr, run.c_null) for pr in batches]))
+    values, first = [], 0
+    for pr in batches:  # each batch's 2K items, in order
+        values.append(pr_loss(v[first:first + 2 * len(pr.x)], pr).item())
+        first += 2 * len(pr.x)
+    return values
+
+
 def pr_value(run: Run, pr: PreserveBatch) -> float:
-    """L_pr (Eq. 8) of the current LoRA on a preservation batch, without gradients."""
-    return pr_loss(run.dit.unified(pr_streams(run.dit, pr, run.c_null)), pr).item()
+    """L_pr (Eq. 8) of the current LoRA on one preservation batch, without gradients."""
+    return pr_values(run, [pr])[0]
 
 
 class NonFiniteLoss(Exception):
@@ -792,7 +828,9 @@ class GTildeMeter:
     fit, so that g̃ follows the expected L_pr rather than the batch just fitted (measured in the README: on
     the training batch λ decays to ~0 while L_pr rises elsewhere). A fresh batch serves a pair of steps
     (2p, 2p+1): step 2p's "after" is measured at the parameters step 2p+1 starts from, so it is also step
-    2p+1's "before".
+    2p+1's "before"; step 2p+1's "after" and step 2p+2's "before", on the next pair's batch, are both at the
+    parameters step 2p+2 starts from, so one DiT call measures the two. Each value carried to the next step
+    is saved with the training checkpoint, so a resumed run uses what the uninterrupted one measured.
     How: jvp=False takes L_pr(after) − L_pr(before), Eq. 15 as written. In bfloat16 each L_pr carries
     rounding noise far larger than one step's change (README: bf16), so jvp=True measures the same change
     as the directional derivative ∇L_pr(θ_mid)·Δθ at the step's midpoint θ_mid = (θ_before + θ_after)/2,
@@ -822,8 +860,11 @@ class GTildeMeter:
         With jvp=True: the change ∇L_pr(θ_mid)·Δθ instead."""
         if self.jvp:
             return pr_change(run, batch, self.theta_before)
-        value = pr_value(run, batch)
-        self.carried = value if self.fresh and step % 2 == 0 else None
+        if self.fresh and step % 2:  # also the "before" of step + 1, on the next pair's batch: one call
+            value, self.carried = pr_values(run, [batch, self.batch(run, step + 1, batch)])
+        else:
+            value = pr_value(run, batch)
+            self.carried = value if self.fresh else None  # the same batch's "before" at step + 1
         return value
 
 
@@ -947,8 +988,9 @@ def step_records(log: Path) -> list[str]:
 
 def save_state(run: Run) -> None:
     run.log.flush()
+    carried = run.meter.carried if run.meter is not None else None  # the next step's measured "before"
     C.save_training_state(run.ckpt, {"lora": run.dit}, {"opt": run.opt},
-                          {"step": run.step, "lambda": run.lam, "settings": run.meta,
+                          {"step": run.step, "lambda": run.lam, "settings": run.meta, "L_pr_before": carried,
                            "base_model": lora_file.base_fingerprint(run.dit)}, only=lambda k: "lora_" in k)
 
 

@@ -68,12 +68,18 @@ def test_states_lie_on_their_own_prompts_trajectories_and_the_anchor_is_the_cont
     assert run.erase.prompt_of == [i % n for i in range(n)] * steps
     with torch.no_grad():
         want = base(x, run.erase.t[rows], c_anchor)
+        v_c = base(x, run.erase.t[rows], c_er)  # Eq. 5's v_θ(x_t, c_er): the sampler's, kept by the pool
     torch.testing.assert_close(run.erase.v_anchor[rows], want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(run.erase.v_c[rows], v_c, rtol=1e-4, atol=1e-5)
+    assert (v_c - want).abs().max() > 1e-2  # the two references differ: neither check passes for the other
     for step in range(4):
         er, _ = train.draw(run, step)
         j = [i for i in range(len(run.erase.x)) if torch.equal(run.erase.x[i:i + 1], er.x)][0]
         assert er.c_er is run.erase.c_er[run.erase.prompt_of[j]]
-        assert torch.equal(er.v_anchor, run.erase.v_anchor[j])
+        assert torch.equal(er.v_anchor, run.erase.v_anchor[j]) and torch.equal(er.v_c, run.erase.v_c[j])
+        kept = run.erase.refined  # the state's own (x_t, c_er) after the refiners
+        assert torch.equal(er.refined.img[0], kept.img[j]) and torch.equal(er.refined.cap[0], kept.cap[j])
+    assert run.refs == (None, None)  # the pool's references served every step: frozen_reference never ran
 
 
 def test_the_erase_loss_is_eq_5_around_the_content_anchor(zi, tmp_path):

@@ -1,5 +1,5 @@
 """The DiT split in two (model.ZImageTransformer.refine, then .unified) and train.py's use of it: the
-preservation pool's refiner outputs are computed once and reused every step.
+pools' refiner outputs are computed once and reused every step.
 
 The split must give forward's outputs however the items are grouped: refined in separate calls, put
 together in any order (Refined.cat, .take). train.py's losses and L_pr values from the kept refiner
@@ -61,6 +61,18 @@ def test_a_stacked_batch_comes_back_stacked_and_a_list_as_a_list(dit):
     assert isinstance(listed, list) and len(listed) == 3
 
 
+def same_losses(run, a: tuple, b: tuple) -> tuple:
+    """L_erase, L_attn, L_pr of a step on draws a and b, (erase sample, preservation batch); equal to
+    float rounding. Returns a's."""
+    with ExitStack() as probed:
+        la = train.losses(run, *a, probed)
+    with ExitStack() as probed:
+        lb = train.losses(run, *b, probed)
+    for u, v in zip(la, lb):
+        assert u.item() == pytest.approx(v.item(), rel=1e-5, abs=1e-9)
+    return la
+
+
 def test_the_kept_refiner_outputs_give_the_same_losses_and_l_pr_as_computing_them(random_ckpt, tmp_path):
     """With a trained (randomised) LoRA, for every sample the pool can draw: L_erase, L_attn, L_pr (Eq. 8)
     of a step and pr_value are the same whether the preservation inputs' refiner outputs come from the
@@ -75,14 +87,34 @@ def test_the_kept_refiner_outputs_give_the_same_losses_and_l_pr_as_computing_the
         kept = run.preserve.batch(idx)
         fresh = train.PreserveBatch(kept.x, kept.t, kept.c_pr, kept.v_null, kept.v_c)
         er, _ = train.draw(run, step)
-        with ExitStack() as probed:
-            a = train.losses(run, er, kept, probed)
-        with ExitStack() as probed:
-            b = train.losses(run, er, fresh, probed)
-        for u, v in zip(a, b):
-            assert u.item() == pytest.approx(v.item(), rel=1e-5, abs=1e-9)
+        a = same_losses(run, (er, kept), (er, fresh))
         assert a[2].item() > 1e-8  # the LoRA changed the preservation outputs: the comparison is not 0 = 0
         assert train.pr_value(run, kept) == pytest.approx(train.pr_value(run, fresh), rel=1e-5)
+
+
+def test_the_kept_erase_streams_give_the_same_losses_as_computing_them(tmp_path):
+    """--anchor content: each erase state has its own prompt, so the pool keeps (x_t, c_er) after the
+    refiners; for every state, L_erase and L_attn from the kept streams equal those from x_t and c_er (with
+    a randomised LoRA), and the kept streams are the state's own."""
+    argv = ["--concept", "Monet", "--anchor", "content", "--pool", "3", "--steps", "4",
+            "--out", str(tmp_path / "m.safetensors")]
+    run = train.prepare(train.parse_args(argv))
+    run.log.close()
+    e = run.erase
+    assert e.refined is not None and len(e.refined.img) == len(e.x)
+    randomize_lora_(run, seed=2)
+    _, pr = train.draw(run, 0)
+    for j in range(len(e.x)):
+        kept = train.EraseSample(e.x[j:j + 1], e.t[j:j + 1], e.v_anchor[j], e.c_er[e.prompt_of[j]],
+                                 e.concept_tokens[e.prompt_of[j]], v_c=e.v_c[j], refined=e.refined.take([j]))
+        fresh = train.EraseSample(kept.x, kept.t, kept.v_anchor, kept.c_er, kept.concept_tokens, v_c=kept.v_c)
+        assert same_losses(run, (kept, pr), (fresh, pr))[0].item() > 1e-8  # not 0 = 0
+    # the anchor ∅ pairs a state with any variant: nothing fixed to keep
+    argv = ["--concept", "Monet", "--anchor", "null", "--pool", "3", "--steps", "4",
+            "--out", str(tmp_path / "n.safetensors")]
+    null = train.prepare(train.parse_args(argv))
+    null.log.close()
+    assert null.erase.refined is None and null.erase.v_c is None
 
 
 def test_nothing_is_kept_when_the_refiners_train_or_the_outputs_would_not_fit(random_ckpt, tmp_path,

@@ -119,20 +119,26 @@ def step_lines(out: Path) -> list[str]:
     return [line for line in out.with_suffix(".jsonl").read_text().splitlines() if '"step"' in line]
 
 
+def interrupt_in_step(n: int, monkeypatch):
+    """Ctrl-C in the n-th step's losses; returns the real train.losses."""
+    real, calls = train.losses, []
+
+    def interrupting(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "losses", interrupting)
+    return real
+
+
 def test_resuming_after_an_interrupt_gives_a_bit_identical_lora_and_log(random_ckpt, tmp_path, monkeypatch,
                                                                         reference, capsys):
     """Ctrl-C ends the run with one line and exit 130, keeping the checkpoint and the log of the checkpointed
     steps; --resume then gives the uninterrupted run's LoRA bit for bit, and the same per-step log."""
     out = tmp_path / "circle.safetensors"
-    real, calls = train.losses, []
-
-    def interrupting(*a, **k):  # Ctrl-C in step 5; the last checkpoint is at step 3
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(train, "losses", interrupting)
+    real = interrupt_in_step(5, monkeypatch)  # the last checkpoint is at step 3
     with pytest.raises(SystemExit) as e:
         train.main(args(random_ckpt, out, *BASE))
     assert e.value.code == 130
@@ -148,6 +154,24 @@ def test_resuming_after_an_interrupt_gives_a_bit_identical_lora_and_log(random_c
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     assert step_lines(out) == step_lines(reference)
     assert not out.with_suffix(".ckpt.safetensors").exists()  # removed after the finished run
+
+
+def test_resuming_at_the_start_of_a_measurement_pair_gives_the_same_log(random_ckpt, tmp_path, monkeypatch,
+                                                                       reference, capsys):
+    """A checkpoint after step 4 (steps 4 and 5 share a fresh measurement batch): step 4's "before" was
+    measured in step 3's call, with step 3's "after"; the resumed run uses that saved value, so its log
+    (the measured L_pr before and after, g̃, λ) is the uninterrupted run's line for line."""
+    out = tmp_path / "circle.safetensors"
+    real = interrupt_in_step(6, monkeypatch)  # the last checkpoint is at step 4
+    with pytest.raises(SystemExit):
+        train.main(args(random_ckpt, out, "--steps", "6", "--checkpoint-every", "2", "--eps", "0"))
+    monkeypatch.setattr(train, "losses", real)
+    measured, real_values = [], train.pr_values
+    monkeypatch.setattr(train, "pr_values", lambda run, bs: measured.append(len(bs)) or real_values(run, bs))
+    train.main(args(random_ckpt, out, *BASE, "--resume"))
+    assert "resumed from" in capsys.readouterr().err
+    assert measured == [1, 2]  # step 4's "after"; step 5's with the next pair's: no "before" measured again
+    assert step_lines(out) == step_lines(reference)
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(random_ckpt, tmp_path, monkeypatch,
@@ -307,18 +331,19 @@ def test_every_preservation_prompt_gets_a_trajectory_and_pr_batch_draws_several(
     """With more --preserve prompts than --pool, each prompt still gets its own frozen trajectory (a pool
     cut at --pool would never preserve the last ones), and --pr-batch K puts K of them in every step."""
     pools, batches = [], []
-    real_pool, real_value = train.trajectory_pool, train.pr_value
+    real_pool, real_values = train.trajectory_pool, train.pr_values
     monkeypatch.setattr(train, "trajectory_pool", lambda zi, conds, *a: pools.append(len(conds)) or
                         real_pool(zi, conds, *a))
-    monkeypatch.setattr(train, "pr_value", lambda run, batch: batches.append(
-        (len(batch.x), len(batch.c_pr), len(batch.v_c))) or real_value(run, batch))
+    monkeypatch.setattr(train, "pr_values", lambda run, bs: batches.extend(
+        (len(b.x), len(b.c_pr), len(b.v_c)) for b in bs) or real_values(run, bs))
     prompts = ["a red square", "a blue star", "a green tree", "a pink moon", "a cyan heart"]
     out = tmp_path / "prbatch.safetensors"
     train.main(args(random_ckpt, out, "--steps", "2", "--pr-batch", "3",
                     *[a for p in prompts for a in ("--preserve", p)]))
     assert pools == [2, 5]  # the concept pool (--pool 2), then one trajectory per preservation prompt
-    # the measurement batch before step 1, after step 1 (= before step 2, same batch and parameters), after 2
-    assert batches == [(3, 3, 3)] * 3
+    # the measurement batch before step 1, after step 1 (= before step 2, same batch and parameters), after
+    # step 2 together with the next pair's batch
+    assert batches == [(3, 3, 3)] * 4
     assert json.loads(lora_file.read_lora(out)[1]["settings"])["pr_batch"] == 3
     assert all(math.isfinite(r["L_pr"]) for r in log_records(out))
 

@@ -155,27 +155,34 @@ def test_the_exact_step_moves_along_d_star_and_with_sgd_keeps_the_first_order_ri
 
 def test_g_tilde_measures_after_on_the_samples_it_measured_before(random_ckpt, tmp_path, monkeypatch):
     """--gtilde-batch fresh: the "after" of each step is measured on exactly the preservation samples of its
-    "before" (same states, times and prompts), and a carried "before" is one on the same samples."""
+    "before" (same states, times and prompts), and a carried "before" is one on the same samples: step 2p's
+    "after" is step 2p+1's "before"; step 2p+1's "after" is measured in one call with step 2p+2's "before",
+    on the next pair's batch, and that value is the one step 2p+2 uses."""
     seen = []
-    real = train.pr_value
-    def recording(run, batch):
-        seen.append((run.step, batch))
-        return real(run, batch)
+    real = train.pr_values
+    def recording(run, batches):
+        values = real(run, batches)
+        seen.append((batches, values))
+        return values
 
-    monkeypatch.setattr(train, "pr_value", recording)
+    monkeypatch.setattr(train, "pr_values", recording)
     run = make_run(random_ckpt, tmp_path, "--eps", "0", "--pr-batch", "2")
-    batches = []
-    for step in range(4):
+    batches, recs = [], []
+    for step in range(5):
         n = len(seen)
         batches.append(run.meter.batch(run, step, train.draw(run, step)[1]))
-        train.implicit_step(run, step)
+        recs.append(train.implicit_step(run, step))
         run.step += 1
-        calls = [b for _, b in seen[n:]]
-        assert len(calls) == (2 if step % 2 == 0 else 1)  # odd steps reuse the previous "after"
-        for b in calls:
-            assert same_samples(b, batches[step])
+        calls = seen[n:]
+        assert len(calls) == (2 if step == 0 else 1)  # later steps reuse the previous step's measurement
+        assert all(same_samples(c[0][0], batches[step]) for c in calls)
+        assert len(calls[-1][0]) == (2 if step % 2 else 1)  # odd steps measure the next pair's batch too
         if step % 2:
             assert same_samples(batches[step], batches[step - 1])
+            next_batch = run.meter.batch(run, step + 1, None)
+            assert same_samples(calls[-1][0][1], next_batch) and not same_samples(next_batch, batches[step])
+        if step:
+            assert recs[step]["L_pr_before_measured"] == seen[n - 1][1][-1]  # the carried value
     assert not same_samples(batches[0], batches[2])  # a new batch every other step
 
 
