@@ -795,11 +795,8 @@ def losses(run: Run, er: EraseSample, pr: PreserveBatch, probed: ExitStack) -> t
 def pr_values(run: Run, batches: list[PreserveBatch]) -> list[float]:
     """L_pr (Eq. 8) of the current LoRA on each of several preservation batches, from one DiT call."""
     v = run.dit.unified(M.Refined.cat([pr_streams(run.dit, pr, run.c_null) for pr in batches]))
-    values, first = [], 0
-    for pr in batches:  # each batch's 2K items, in order
-        values.append(pr_loss(v[first:first + 2 * len(pr.x)], pr).item())
-        first += 2 * len(pr.x)
-    return values
+    parts = v.split([2 * len(pr.x) for pr in batches])  # each batch's 2K items, in order
+    return [pr_loss(v_pr, pr).item() for v_pr, pr in zip(parts, batches)]
 
 
 def pr_value(run: Run, pr: PreserveBatch) -> float:

@@ -163,6 +163,8 @@ def test_g_tilde_measures_after_on_the_samples_it_measured_before(random_ckpt, t
     def recording(run, batches):
         values = real(run, batches)
         seen.append((batches, values))
+        for b, v in zip(batches, values):  # one call on several batches: each batch's own L_pr
+            assert v == pytest.approx(real(run, [b])[0], rel=1e-5)
         return values
 
     monkeypatch.setattr(train, "pr_values", recording)
