@@ -45,6 +45,7 @@ from sample import DEFAULT_MODEL, denoise, initial_noise, turbo_sigmas
 EPS_BY_CATEGORY = {"style": 1e-3, "nudity": 1e-3, "violence": 1e-3, "entity": 1e-2, "abstraction": 1e-2,
                    "celebrity": 1e-2}  # Table 6
 BETA = 0.1  # the paper's dual step size (Algorithm 1's β), for a checkpoint that stores none
+ETA = 2.0  # the paper's negative guidance of Eq. 5 (§5.1), for a category the checkpoint stores none for
 TEMPLATE_BY_CATEGORY = {"style": "An art in the style of {}", "entity": "A photo of {}",
                         "abstraction": "A close scene of {}", "celebrity": "A photo of {}",
                         "nudity": "A photo of {}", "violence": "A photo of {}"}  # Table 7
@@ -98,7 +99,9 @@ def add_algorithm_flags(p: argparse.ArgumentParser) -> None:
                    "then keeps the first-order rise of L_pr within αε, Eq. 9)")
     p.add_argument("--beta", type=float, help="β, step size of the λ update (Eq. 13); default: the model's "
                    "stored value if it has one (the tiny model: 100), else the paper's 0.1")
-    p.add_argument("--eta", type=float, default=2.0, help="η, negative guidance of the erase target (Eq. 5)")
+    p.add_argument("--eta", type=float, help="η, negative guidance of the erase target (Eq. 5); default by "
+                   "category: the model's stored value if it has one (the tiny model: style and abstraction "
+                   "1), else the paper's 2")
     p.add_argument("--eps", type=float, help="ε, preservation tolerance per step, in units of α; default by "
                    "category: the model's stored value if it has one (the tiny model: entity 3e-3), else "
                    "Table 6's")
@@ -394,6 +397,7 @@ class Run:
     params: list[torch.nn.Parameter]  # Δθ
     opt: torch.optim.Optimizer
     eps: float
+    eta: float  # Eq. 5's negative guidance
     beta: float  # the λ update's step size (Eq. 13)
     terms: set[str]  # the loss terms in use: erase, attn, pr (Table 5)
     kind: str  # implicit | exact | fixed
@@ -420,6 +424,7 @@ class Plan:
     concept: str  # as the model spells it
     category: str
     eps: float
+    eta: float  # Eq. 5's negative guidance
     beta: float
     aliases: list[str]
     spec: Z.LoRASpec
@@ -507,6 +512,12 @@ def default_eps(defaults: dict, category: str) -> float:
                          "--eps")
 
 
+def default_eta(defaults: dict, category: str) -> float:
+    """η without --eta: the one the model stores for the category (zerase.json "eta": the tiny model's,
+    measured on its world), else the paper's 2."""
+    return stored_number(defaults.get("eta", {}).get(category, ETA), "η", category, "--eta")
+
+
 def default_beta(defaults: dict) -> float:
     """β without --beta: the one the model stores (zerase.json "beta": the tiny model's, measured on its
     world, where L_pr's changes are small and λ climbs too slowly at 0.1), else the paper's."""
@@ -521,7 +532,7 @@ def stored_number(value, symbol: str, what: str, flag: str) -> float:
 
 
 def check_model_flags(args, cfgs: C.Configs, concept: str) -> dict:
-    """Flags checked against the model's configs: category, ε, layers, targets, resolution."""
+    """Flags checked against the model's configs: category, ε, η, β, layers, targets, resolution."""
     category = args.category or cfgs.defaults.get("categories", {}).get(concept)
     if category is None:
         raise ValueError(f"no --category given for {concept!r} and the model does not know it; pass "
@@ -536,8 +547,9 @@ def check_model_flags(args, cfgs: C.Configs, concept: str) -> dict:
                          f"{m} pixels); e.g. {max(m, size // m * m)}.")
     lora_alpha = args.lora_alpha or args.deprecated_alpha or float(args.rank)
     eps = args.eps if args.eps is not None else default_eps(cfgs.defaults, category)
+    eta = args.eta if args.eta is not None else default_eta(cfgs.defaults, category)
     beta = args.beta if args.beta is not None else default_beta(cfgs.defaults)
-    return {"category": category, "eps": eps, "beta": beta,
+    return {"category": category, "eps": eps, "eta": eta, "beta": beta,
             "aliases": args.alias or cfgs.defaults.get("aliases", {}).get(concept, []), "size": size,
             "spec": Z.LoRASpec(layers=layers, targets=targets, rank=args.rank, lora_alpha=lora_alpha,
                                gated=not args.no_gate)}
@@ -610,7 +622,7 @@ def check(args, cfgs: C.Configs | None = None) -> Plan:
     out = check_output(args.out or f"loras/{concept.lower().replace(' ', '-')}.safetensors", "--out",
                        (".safetensors",), extra_names=(f"{concept}.ckpt.safetensors.lock",))
     settings = {"concept": concept, "category": s["category"], "aliases": s["aliases"], "eps": s["eps"],
-                "eta": args.eta, "lr": args.lr, "beta": s["beta"], "steps": args.steps, "mode": args.mode,
+                "eta": s["eta"], "lr": args.lr, "beta": s["beta"], "steps": args.steps, "mode": args.mode,
                 "losses": sorted(terms), "optim": args.optim, "fixed_lambda": args.fixed_lambda,
                 "seed": args.seed, "pool": args.pool, "pr_batch": args.pr_batch,
                 "gtilde_batch": args.gtilde_batch, "gtilde": args.gtilde,
@@ -619,8 +631,8 @@ def check(args, cfgs: C.Configs | None = None) -> Plan:
                 "rank": args.rank, "layers": list(s["spec"].layers), "targets": list(s["spec"].targets),
                 "gate": s["spec"].gated, "preserve": cpr_prompts, "anchor": anchor}
     check_resume(args, cfgs, out, settings)
-    return Plan(concept, s["category"], s["eps"], s["beta"], s["aliases"], s["spec"], terms, s["size"], dtype,
-                cer_prompts, cer_tokens, cpr_prompts, out, settings, anchors, note)
+    return Plan(concept, s["category"], s["eps"], s["eta"], s["beta"], s["aliases"], s["spec"], terms,
+                s["size"], dtype, cer_prompts, cer_tokens, cpr_prompts, out, settings, anchors, note)
 
 
 RESUMABLE = {"steps"}  # settings a resumed run may change (train longer)
@@ -691,7 +703,7 @@ def prepare(args, zi: C.ZImage | None = None, adapt=Z.add_lora) -> Run:
     kind = "fixed" if args.fixed_lambda is not None or "pr" not in plan.terms else args.mode
     erase.concept_tokens = plan.cer_tokens
     run = Run(args, dit, plan.spec, erase, preserve, c_null, params,
-              OPTIMIZERS[args.optim](params, lr=args.lr), plan.eps, plan.beta, plan.terms, kind,
+              OPTIMIZERS[args.optim](params, lr=args.lr), plan.eps, plan.eta, plan.beta, plan.terms, kind,
               plan.settings, plan.out, plan.out.with_suffix(".ckpt.safetensors"),
               lam=args.fixed_lambda or 0.0, timings=timings)
     # as many steps' references per call as fit in about 4,096 tokens (16 on the tiny model, 1 at 1024²)
@@ -785,7 +797,7 @@ def losses(run: Run, er: EraseSample, pr: PreserveBatch, probed: ExitStack) -> t
     probed.enter_context(Z.attention_probe(dit, run.spec.layers if "attn" in run.terms else (), probe))
     v = dit.unified(streams)  # (1 + 2K, C, h, w)
     zero = v.new_zeros(()).float()
-    L_erase = (Z.erase_loss(v[0], Z.erase_target(er.v_anchor, er.v_c, run.args.eta))  # Eq. 5
+    L_erase = (Z.erase_loss(v[0], Z.erase_target(er.v_anchor, er.v_c, run.eta))  # Eq. 5
                if "erase" in run.terms else zero)
     L_attn = probe.loss() if "attn" in run.terms else zero  # Eq. 6
     return L_erase, L_attn, pr_loss(v[1:], pr)

@@ -22,7 +22,7 @@ TESTS = ["tests/test_training_math.py", "tests/test_train.py", "tests/test_gate.
          "tests/test_finetune.py"]
 MUTANTS = [
     ("eta-sign", "zerase.py", "return v_null - eta * (v_c - v_null)", "return v_null + eta * (v_c - v_null)"),
-    ("eta-ignored", "train.py", "Z.erase_target(er.v_anchor, er.v_c, run.args.eta)",
+    ("eta-ignored", "train.py", "Z.erase_target(er.v_anchor, er.v_c, run.eta)",
      "Z.erase_target(er.v_anchor, er.v_c, 2.0)"),
     ("reference-with-lora", "train.py", "with run.frozen() if run.frozen else Z.lora_disabled(run.dit):",
      "if True:"),

@@ -139,8 +139,7 @@ def saved_activation_bytes(resolution: int, depth: int, checkpointing: bool, dty
     cap = e(caption, raw["cap_feat_dim"], dt=dtype)
     er = train.EraseSample(e(1, 16, h, w), e(1), e(16, h, w), cap, list(range(5)), e(16, h, w))
     pr = train.PreserveBatch(e(K, 16, h, w), e(K), [cap] * K, e(K, 16, h, w), e(K, 16, h, w))
-    run = SimpleNamespace(dit=dit, c_null=cap[:8], spec=spec, terms={"erase", "attn", "pr"},
-                          args=SimpleNamespace(eta=2.0))
+    run = SimpleNamespace(dit=dit, c_null=cap[:8], spec=spec, terms={"erase", "attn", "pr"}, eta=train.ETA)
     params, seen, total = {id(p) for p in dit.parameters()}, set(), [0]
 
     def pack(t):

@@ -398,6 +398,47 @@ def test_a_stored_beta_trains_exactly_the_lora_of_the_same_beta_given_as_a_flag(
     assert any(r["lambda"] > 0 for r in log)  # λ moved, so the check above can tell β = 5 from 0.1
 
 
+def test_eta_is_the_models_stored_value_for_the_category_else_the_papers_and_eta_overrides(random_ckpt,
+                                                                                             tmp_path):
+    stored = C.read_configs(TINY).defaults["eta"]
+    assert stored and all(v != train.ETA for v in stored.values())  # the tiny model departs from 2 (README)
+    for concept, category in (("red", "abstraction"), ("Van Gogh", "style")):
+        plan = train.check(train.parse_args(tiny(concept)))
+        assert plan.eta == plan.settings["eta"] == stored.get(category, train.ETA)
+        assert train.check(train.parse_args(tiny(concept, "--eta", "0.7"))).eta == 0.7
+    plan = train.check(train.parse_args(args(random_ckpt, tmp_path / "x.safetensors")))  # stores none
+    assert plan.eta == plan.settings["eta"] == train.ETA == 2.0
+
+
+def test_a_stored_eta_trains_exactly_the_lora_of_the_same_eta_given_as_a_flag(random_ckpt, tmp_path):
+    import json
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(random_ckpt, ckpt)
+    (ckpt / "zerase.json").write_text(json.dumps({"eta": {"entity": 0.5, "style": 7.0}}))  # args: entity
+    a, b, paper = (tmp_path / f"{n}.safetensors" for n in ("stored", "flag", "paper"))
+    train.main(args(ckpt, a, "--steps", "4"))
+    train.main(args(random_ckpt, b, "--steps", "4", "--eta", "0.5"))
+    train.main(args(random_ckpt, paper, "--steps", "4"))
+    (fa, ma), (fb, mb), (fp, mp) = (lora_file.read_lora(f) for f in (a, b, paper))
+    assert json.loads(ma["settings"])["eta"] == 0.5 and ma == mb and json.loads(mp["settings"])["eta"] == 2.0
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+    assert not all(torch.equal(fa[k], fp[k]) for k in fa)  # η reaches the loss: 0.5 and 2 train apart
+
+
+@pytest.mark.parametrize("stored", [-1.0, "1", None, True])
+def test_a_bad_stored_eta_is_one_line_naming_zerase_json_and_eta(random_ckpt, tmp_path, capsys, stored):
+    import json
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(random_ckpt, ckpt)
+    (ckpt / "zerase.json").write_text(json.dumps({"eta": {"entity": stored}}))
+    out = tmp_path / "x.safetensors"
+    line = refused(train.main, args(ckpt, out), capsys)
+    assert "zerase.json" in line and "η" in line and "--eta" in line and not out.exists()
+    assert train.check(train.parse_args(args(ckpt, out, "--eta", "1.5"))).eta == 1.5  # the named fix
+
+
 def test_a_bad_stored_beta_is_one_line_naming_zerase_json_and_beta(random_ckpt, tmp_path, capsys):
     import json
     import shutil
