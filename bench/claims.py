@@ -65,13 +65,15 @@ PAPER = ("--anchor", "null")  # every run erases towards v(x_t, ∅), as the pap
 
 
 def paper_settings(concept: str) -> tuple[str, ...]:
-    """--eps at Table 6's value for the concept's category and --beta at the paper's 0.1: the tiny model
-    stores its own ε for entities and its own β (train.default_eps, default_beta); the claims are checked
-    with the paper's (a point's own --eps or --beta comes later and wins)."""
+    """--eps at Table 6's value for the concept's category, --eta at the paper's 2 and --beta at its 0.1:
+    the tiny model stores its own ε for entities, η for styles and colours and β (train.default_eps,
+    default_eta, default_beta); the claims are checked with the paper's (a point's own flag comes last and
+    wins)."""
     import checkpoint as C
     import train
     category = C.read_configs(train.DEFAULT_MODEL).defaults["categories"][concept]
-    return ("--eps", repr(train.EPS_BY_CATEGORY[category]), "--beta", repr(train.BETA))
+    return ("--eps", repr(train.EPS_BY_CATEGORY[category]), "--eta", repr(train.ETA),
+            "--beta", repr(train.BETA))
 
 
 ESD = ("--losses", "erase")

@@ -123,9 +123,18 @@ def train(concept: str, lora: Path, flags: list[str], threads: int, log: Path) -
             subprocess.run([sys.executable, *cmd[1:], *resume], cwd=ROOT, env=env, stdout=f, stderr=f,
                            check=True)
     last = json.loads(lora.with_suffix(".jsonl").read_text().splitlines()[-1])
-    seed = json.loads(lora_file.read_lora(lora)[1]["settings"])["seed"]
-    return {"command": shlex.join(cmd), "seed": seed, "seconds": last.get("seconds"),
-            "bytes": lora.stat().st_size}
+    return {"command": shlex.join(cmd), "seed": lora_settings(lora)["seed"], "seconds": last.get("seconds"),
+            "bytes": lora.stat().st_size, "settings": stored_settings(lora)}
+
+
+def lora_settings(lora: Path) -> dict:
+    return json.loads(lora_file.read_lora(lora)[1]["settings"])
+
+
+def stored_settings(lora: Path) -> dict:
+    """The settings a model may store for itself (ε, η, β) as train.py resolved them for this LoRA, so a
+    comparison of sweeps (bench/sweep_compare.py) knows what each row ran at without reading flags."""
+    return {k: lora_settings(lora)[k] for k in ("eps", "eta", "beta")}
 
 
 def picture_items(concept: str) -> dict[str, list[tuple[str, int]]]:
@@ -342,6 +351,9 @@ def main(argv=None):
             if (f := args.out / "rows" / f"{name_of(c)}.json").exists()]
     for r in rows:
         r["summary"] = summarise(r)  # from the stored report, so a change of summarise needs no rerun
+        if "settings" not in r["train"] and (lora := args.out / "loras" / f"{name_of(r['concept'])}"
+                                             ".safetensors").exists():  # a row written before they were kept
+            r["train"]["settings"] = stored_settings(lora)
     agg = aggregate(rows)
     span = covered_seconds([(r["started"], r["finished"]) for r in rows])
     pictures = [os.path.relpath(p, ROOT) for k in world.CONCEPTS

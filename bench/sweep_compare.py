@@ -9,9 +9,9 @@ concept, which file does better on each measure. The README's before/after table
 --defaults FILE: with sweeps labelled by train.py's --anchor values, also the sweep of train.py's defaults,
 assembled concept by concept: --anchor auto trains, for a concept, exactly the LoRA of the anchor
 train.ANCHOR_BY_CATEGORY names for its category (tests/test_anchor.py), so its row is that sweep's row.
-Where the model stores its own ε for a category or its own β (zerase.json "eps", "beta"), every row must
-come from a sweep run with those (checked against its train.py flags --eps, --beta); --category-from
-names the sweep for a category:
+Where the model stores its own ε or η for a category or its own β (zerase.json "eps", "eta", "beta"), every
+row must come from a sweep run with those (checked against its train.py flags --eps, --eta, --beta);
+--category-from names the sweep for a category:
 
     python bench/sweep_compare.py null=... content=... eps3e-3=... --category-from entity=eps3e-3 \
         --defaults bench/results/sweep.json
@@ -84,9 +84,10 @@ def defaults(sweeps: list[tuple[str, dict]], category_from: dict[str, str] | Non
         if label not in by_label:
             raise SystemExit(f"no sweep labelled {label!r} (for {r['concept']!r}); pass {label}=FILE")
         settings = (("--eps", train.default_eps(stored, category), train.EPS_BY_CATEGORY[category]),
+                    ("--eta", train.default_eta(stored, category), train.ETA),
                     ("--beta", train.default_beta(stored), train.BETA))
         for flag, want, paper in settings:
-            if want != ran_at(flags[label], flag, paper):
+            if want != trained_at(by_label[label][r["concept"]], flags[label], flag, paper):
                 raise SystemExit(f"the defaults train {r['concept']!r} at {flag} {want:g}, the sweep "
                                  f"{label!r} did not; pass --category-from {r['category']}=LABEL with a "
                                  f"sweep run with {flag} {want:g}")
@@ -99,10 +100,17 @@ def defaults(sweeps: list[tuple[str, dict]], category_from: dict[str, str] | Non
             "aggregate": agg, "rows": rows}
 
 
+def trained_at(row: dict, flags: list[str], flag: str, paper: float) -> float:
+    """A row's --eps, --eta or --beta as train.py resolved it: recorded in the row by bench/sweep.py, or for a
+    row from before it recorded them, read from the sweep's flags (ran_at)."""
+    recorded = row.get("train", {}).get("settings", {})
+    return float(recorded[k]) if (k := flag.removeprefix("--")) in recorded else ran_at(flags, flag, paper)
+
+
 def ran_at(flags: list[str], flag: str, paper: float) -> float:
-    """The value of a setting the model may store (--eps, --beta) that a sweep passed to train.py; without
-    the flag, the paper's (every sweep here was run before the model stored its own; a newer one without
-    the flag would have run at the stored value)."""
+    """The value of a setting the model may store (--eps, --eta, --beta) that a sweep passed to train.py;
+    without the flag, the paper's (every sweep here was run before the model stored its own; a newer one
+    without the flag would have run at the stored value)."""
     return float(flags[flags.index(flag) + 1]) if flag in flags else paper
 
 

@@ -180,7 +180,7 @@ def test_lemma_c3_gap_is_read_from_the_gap_check_logs(tmp_path):
     assert R.gap_summary([]).endswith("not run.")
 
 
-def test_every_training_runs_at_the_papers_anchor_eps_and_beta_unless_the_point_sets_its_own():
+def test_every_training_runs_at_the_papers_anchor_eps_eta_and_beta_unless_the_point_sets_its_own():
     import train
     def argv(name):
         return train.parse_args(claims.train_command(claims.point(name), 0, Path("x"), False)[2:])
@@ -189,5 +189,6 @@ def test_every_training_runs_at_the_papers_anchor_eps_and_beta_unless_the_point_
     assert argv("alone-green").eps == 1e-2 and argv("default").eps == 1e-3
     assert argv("eps-1e-1").eps == 0.1  # the point's own --eps comes last
     assert argv("default").beta == train.BETA == 0.1 and argv("beta-1").beta == 1.0  # likewise β
+    assert argv("alone-green").eta == argv("default").eta == train.ETA == 2.0  # not the tiny model's 1
     full = claims.train_command(claims.point("esd-full-all"), 0, Path("x"), False)
     assert full[1].endswith("finetune.py") and "--eps" not in full

@@ -29,22 +29,60 @@ def fake_sweep(offset: float) -> dict:
             "aggregate": sweep.aggregate(rows), "train_flags": ["--beta", repr(BETA)]}
 
 
-def test_each_row_comes_from_its_categorys_anchor_or_the_sweep_of_its_stored_eps(tmp_path):
-    null, content, eps = fake_sweep(0.0), fake_sweep(100.0), fake_sweep(200.0)
+STORED = C.read_configs(train.DEFAULT_MODEL).defaults
+ETA_COLOUR = STORED["eta"]["abstraction"]  # the tiny model's η for colours (README)
+
+
+def test_each_row_comes_from_its_categorys_anchor_or_the_sweep_of_its_stored_eps_or_eta(tmp_path):
+    null, content, eps, eta = fake_sweep(0.0), fake_sweep(100.0), fake_sweep(200.0), fake_sweep(300.0)
     eps["train_flags"] += ["--eps", "3e-3"]  # the ε the tiny model stores for entities
+    eta["train_flags"] += ["--eta", repr(ETA_COLOUR)]
     out = tmp_path / "defaults.json"
     files = [f"null={_write(tmp_path / 'n.json', null)}", f"content={_write(tmp_path / 'c.json', content)}",
-             f"eps={_write(tmp_path / 'e.json', eps)}"]
-    S.main([*files, "--category-from", "entity=eps", "--defaults", str(out)])
+             f"eps={_write(tmp_path / 'e.json', eps)}", f"eta={_write(tmp_path / 'h.json', eta)}"]
+    S.main([*files, "--category-from", "entity=eps", "--category-from", "colour=eta", "--defaults", str(out)])
     d = json.loads(out.read_text())
-    stored = C.read_configs(train.DEFAULT_MODEL).defaults
     for r in d["rows"]:
-        category = stored["categories"][r["concept"]]
-        want = "eps" if r["category"] == "entity" else train.ANCHOR_BY_CATEGORY.get(category, "null")
+        category = STORED["categories"][r["concept"]]
+        want = {"entity": "eps", "colour": "eta"}.get(r["category"]) or \
+            train.ANCHOR_BY_CATEGORY.get(category, "null")
         assert d["sweep_of"][r["concept"]] == want
-        assert r["summary"]["FD"] // 100 == {"null": 0, "content": 1, "eps": 2}[want]
+        assert r["summary"]["FD"] // 100 == {"null": 0, "content": 1, "eps": 2, "eta": 3}[want]
     assert d["aggregate"] == sweep.aggregate(d["rows"])
-    assert {d["sweep_of"][c] for c in CONCEPTS} == {"eps", "content"}  # the check above can tell them apart
+    assert {d["sweep_of"][c] for c in CONCEPTS} == {"eps", "eta", "content"}  # the check can tell them apart
+
+
+def test_a_colour_row_from_a_sweep_at_the_papers_eta_is_refused(tmp_path):
+    assert ETA_COLOUR != train.ETA
+    files = [f"{k}={_write(tmp_path / f'{k}.json', fake_sweep(x))}"
+             for k, x in (("null", 0), ("content", 100))]
+    eps = {**fake_sweep(200.0), "train_flags": ["--beta", repr(BETA), "--eps", "3e-3"]}
+    files.append(f"eps={_write(tmp_path / 'e.json', eps)}")
+    want = f"--category-from colour=LABEL with a sweep run with --eta {ETA_COLOUR:g}"
+    with pytest.raises(SystemExit, match=want):
+        S.main([*files, "--category-from", "entity=eps", "--defaults", str(tmp_path / "d.json")])
+    assert not (tmp_path / "d.json").exists()
+
+
+def test_rows_that_record_their_settings_are_checked_by_those_not_by_the_sweeps_flags(tmp_path):
+    # bench/sweep.py records each LoRA's resolved ε, η, β in its row: a sweep run with no flags at all then
+    # ran at what the model stores, which the flags alone would read as the paper's.
+    d = {**fake_sweep(0.0), "train_flags": []}
+    for r in d["rows"]:
+        category = STORED["categories"][r["concept"]]
+        r["train"] = {"settings": {"eps": train.default_eps(STORED, category),
+                                   "eta": train.default_eta(STORED, category), "beta": BETA}}
+    out = tmp_path / "d.json"
+    S.main([f"all={_write(tmp_path / 'a.json', d)}", *sum((["--category-from", f"{k}=all"] for k in
+                                                            ("style", "entity", "colour")), []),
+            "--defaults", str(out)])
+    assert set(json.loads(out.read_text())["sweep_of"].values()) == {"all"}
+    red = next(r for r in d["rows"] if r["concept"] == "red")
+    red["train"]["settings"]["eta"] = train.ETA  # one row recorded at another η than the stored one
+    _write(tmp_path / "a.json", d)
+    with pytest.raises(SystemExit, match="'red' at --eta"):
+        S.main([f"all={tmp_path / 'a.json'}", "--category-from", "style=all", "--category-from", "entity=all",
+                "--category-from", "colour=all", "--defaults", str(tmp_path / "e.json")])
 
 
 def test_a_missing_anchor_sweep_is_named(tmp_path):
@@ -103,3 +141,16 @@ def test_covered_seconds_is_the_length_of_the_union(jobs):
     spans = [(s, s + n) for s, n in jobs]
     covered = {t for s, e in spans for t in range(s, e)}
     assert sweep.covered_seconds(spans) == len(covered)
+
+
+def test_a_sweep_row_records_the_eps_eta_and_beta_train_resolved(random_ckpt, tmp_path):
+    # What trained_at reads: the LoRA's own settings, here a stored η that no flag names.
+    import shutil
+    from tests.test_train import args
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(random_ckpt, ckpt)
+    (ckpt / "zerase.json").write_text(json.dumps({"eta": {"entity": 0.5}}))
+    out = tmp_path / "x.safetensors"
+    train.main(args(ckpt, out, "--steps", "1"))  # --category entity
+    want = {"eps": train.EPS_BY_CATEGORY["entity"], "eta": 0.5, "beta": train.BETA}
+    assert sweep.stored_settings(out) == want
