@@ -1,6 +1,6 @@
 """bench/sweep_compare.py: the defaults' sweep takes each concept's row from the sweep of the anchor that
-train.ANCHOR_BY_CATEGORY names for its category, or, where the model stores its own ε for the category,
-from the sweep run at that ε; its aggregates are bench/sweep.py's over those rows."""
+train.ANCHOR_BY_CATEGORY names for its category, or, where the model stores its own ε or η for the
+category (or its own β), from a sweep run at those; its aggregates are bench/sweep.py's over those rows."""
 import json
 import sys
 from pathlib import Path
@@ -31,12 +31,15 @@ def fake_sweep(offset: float) -> dict:
 
 STORED = C.read_configs(train.DEFAULT_MODEL).defaults
 ETA_COLOUR = STORED["eta"]["abstraction"]  # the tiny model's η for colours (README)
+ETA_STYLE = STORED["eta"]["style"]  # and for styles, whose rows come from the content anchor's sweep
+AT_ETA_STYLE = ["--eta", repr(ETA_STYLE)]
 
 
 def test_each_row_comes_from_its_categorys_anchor_or_the_sweep_of_its_stored_eps_or_eta(tmp_path):
     null, content, eps, eta = fake_sweep(0.0), fake_sweep(100.0), fake_sweep(200.0), fake_sweep(300.0)
     eps["train_flags"] += ["--eps", "3e-3"]  # the ε the tiny model stores for entities
     eta["train_flags"] += ["--eta", repr(ETA_COLOUR)]
+    content["train_flags"] += AT_ETA_STYLE
     out = tmp_path / "defaults.json"
     files = [f"null={_write(tmp_path / 'n.json', null)}", f"content={_write(tmp_path / 'c.json', content)}",
              f"eps={_write(tmp_path / 'e.json', eps)}", f"eta={_write(tmp_path / 'h.json', eta)}"]
@@ -53,14 +56,17 @@ def test_each_row_comes_from_its_categorys_anchor_or_the_sweep_of_its_stored_eps
 
 
 def test_a_colour_row_from_a_sweep_at_the_papers_eta_is_refused(tmp_path):
+    # the colours' rows would come from the content anchor's sweep, run at the paper's η
     assert ETA_COLOUR != train.ETA
     files = [f"{k}={_write(tmp_path / f'{k}.json', fake_sweep(x))}"
              for k, x in (("null", 0), ("content", 100))]
     eps = {**fake_sweep(200.0), "train_flags": ["--beta", repr(BETA), "--eps", "3e-3"]}
-    files.append(f"eps={_write(tmp_path / 'e.json', eps)}")
+    style = {**fake_sweep(300.0), "train_flags": ["--beta", repr(BETA), *AT_ETA_STYLE]}
+    files += [f"eps={_write(tmp_path / 'e.json', eps)}", f"style={_write(tmp_path / 's.json', style)}"]
     want = f"--category-from colour=LABEL with a sweep run with --eta {ETA_COLOUR:g}"
     with pytest.raises(SystemExit, match=want):
-        S.main([*files, "--category-from", "entity=eps", "--defaults", str(tmp_path / "d.json")])
+        S.main([*files, "--category-from", "entity=eps", "--category-from", "style=style", "--defaults",
+                str(tmp_path / "d.json")])
     assert not (tmp_path / "d.json").exists()
 
 
@@ -95,8 +101,9 @@ def test_a_missing_anchor_sweep_is_named(tmp_path):
 @pytest.mark.parametrize("eps_flags", [None, ["--eps", "1e-2"]])
 def test_rows_trained_at_another_eps_than_the_defaults_are_refused(tmp_path, eps_flags):
     # The entities' rows of a sweep at Table 6's ε (no --eps) or at another --eps are not the defaults'.
+    content = {**fake_sweep(100.0), "train_flags": ["--beta", repr(BETA), *AT_ETA_STYLE]}  # styles pass
     files = [f"null={_write(tmp_path / 'n.json', fake_sweep(0.0))}",
-             f"content={_write(tmp_path / 'c.json', fake_sweep(100.0))}"]
+             f"content={_write(tmp_path / 'c.json', content)}"]
     extra = []
     if eps_flags:
         flags = eps_flags + ["--beta", repr(BETA)]
@@ -110,7 +117,7 @@ def test_rows_trained_at_another_eps_than_the_defaults_are_refused(tmp_path, eps
 def test_rows_trained_at_another_beta_than_the_models_stored_one_are_refused(tmp_path):
     # Sweeps run at the paper's β (no --beta) are not the defaults' sweep once the model stores its own.
     assert BETA != train.BETA
-    paper = [{**fake_sweep(x), "train_flags": []} for x in (0.0, 100.0)]
+    paper = [{**fake_sweep(x), "train_flags": AT_ETA_STYLE} for x in (0.0, 100.0)]  # all but β stored
     files = [f"{k}={_write(tmp_path / f'{k}.json', d)}" for k, d in zip(("null", "content"), paper)]
     with pytest.raises(SystemExit, match=f"with a sweep run with --beta {BETA:g}"):
         S.main([*files, "--defaults", str(tmp_path / "d.json")])
