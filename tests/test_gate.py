@@ -107,7 +107,8 @@ def layouts(draw):
 # (bf16 is left out: a bf16 matmul dies with SIGILL on this CI machine's CPU, an AMX path it may not use)
 def test_image_and_padding_rows_of_a_gated_linear_are_bit_identical_to_the_frozen_linear(
         nl, din, dout, rank, bias, dtype, seed):
-    """Rows outside the caption segment are the frozen output bit for bit; every caption row changes."""
+    """Rows outside the caption segment are the frozen output bit for bit; every caption row changes where its
+    LoRA update is larger than the output's rounding (in fp16 a rank-1 update can vanish into it)."""
     # outside = image rows, image pad rows, batch padding; caption rows include the caption pad slots
     N, L = nl
     lin, lora = gated_linear(din, dout, rank, bias, True, dtype, seed)
@@ -117,7 +118,10 @@ def test_image_and_padding_rows_of_a_gated_linear_are_bit_identical_to_the_froze
     with torch.no_grad():
         y, y0 = lora(x, lay.text_rows()), lin(x)
     assert torch.equal(y[~mask], y0[~mask])
-    assert (y != y0).any(-1)[mask].all()
+    delta = lora.scale * (x.float() @ lora.lora_A.float().T) @ lora.lora_B.float().T  # the update, in fp32
+    visible = (delta.abs() > 2 * torch.finfo(dtype).eps * y0.float().abs().clamp_min(1e-3)).any(-1)
+    assert visible[mask].any()  # the check below is not vacuous
+    assert (y != y0).any(-1)[mask & visible].all()
 
 
 @settings(max_examples=30, deadline=None)
