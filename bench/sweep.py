@@ -134,7 +134,8 @@ def lora_settings(lora: Path) -> dict:
 def stored_settings(lora: Path) -> dict:
     """The settings a model may store for itself (ε, η, β) as train.py resolved them for this LoRA, so a
     comparison of sweeps (bench/sweep_compare.py) knows what each row ran at without reading flags."""
-    return {k: lora_settings(lora)[k] for k in ("eps", "eta", "beta")}
+    settings = lora_settings(lora)  # one read of the file, not one per key
+    return {k: settings[k] for k in ("eps", "eta", "beta")}
 
 
 def picture_items(concept: str) -> dict[str, list[tuple[str, int]]]:
