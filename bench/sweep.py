@@ -124,18 +124,19 @@ def train(concept: str, lora: Path, flags: list[str], threads: int, log: Path) -
                            check=True)
     last = json.loads(lora.with_suffix(".jsonl").read_text().splitlines()[-1])
     return {"command": shlex.join(cmd), "seed": lora_settings(lora)["seed"], "seconds": last.get("seconds"),
-            "bytes": lora.stat().st_size, "settings": stored_settings(lora)}
+            "bytes": lora.stat().st_size, "settings": resolved_settings(lora)}
 
 
 def lora_settings(lora: Path) -> dict:
     return json.loads(lora_file.read_lora(lora)[1]["settings"])
 
 
-def stored_settings(lora: Path) -> dict:
-    """The settings a model may store for itself (ε, η, β) as train.py resolved them for this LoRA, so a
-    comparison of sweeps (bench/sweep_compare.py) knows what each row ran at without reading flags."""
+def resolved_settings(lora: Path) -> dict:
+    """The settings train.py resolves per model and category rather than from flags alone (ε, η, β, which a
+    model may store, and the anchor --anchor auto picks), as they were for this LoRA, so a comparison of
+    sweeps (bench/sweep_compare.py) knows what each row ran at without reading flags."""
     settings = lora_settings(lora)  # one read of the file, not one per key
-    return {k: settings[k] for k in ("eps", "eta", "beta")}
+    return {k: settings[k] for k in ("eps", "eta", "beta", "anchor")}
 
 
 def picture_items(concept: str) -> dict[str, list[tuple[str, int]]]:
@@ -352,9 +353,9 @@ def main(argv=None):
             if (f := args.out / "rows" / f"{name_of(c)}.json").exists()]
     for r in rows:
         r["summary"] = summarise(r)  # from the stored report, so a change of summarise needs no rerun
-        if "settings" not in r["train"] and (lora := args.out / "loras" / f"{name_of(r['concept'])}"
-                                             ".safetensors").exists():  # a row written before they were kept
-            r["train"]["settings"] = stored_settings(lora)
+        if "anchor" not in r["train"].get("settings", {}) and (
+                lora := args.out / "loras" / f"{name_of(r['concept'])}.safetensors").exists():
+            r["train"]["settings"] = resolved_settings(lora)  # a row written before they were all kept
     agg = aggregate(rows)
     span = covered_seconds([(r["started"], r["finished"]) for r in rows])
     pictures = [os.path.relpath(p, ROOT) for k in world.CONCEPTS

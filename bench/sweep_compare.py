@@ -10,8 +10,9 @@ concept, which file does better on each measure. The README's before/after table
 assembled concept by concept: --anchor auto trains, for a concept, exactly the LoRA of the anchor
 train.ANCHOR_BY_CATEGORY names for its category (tests/test_anchor.py), so its row is that sweep's row.
 Where the model stores its own ε or η for a category or its own β (zerase.json "eps", "eta", "beta"), every
-row must come from a sweep run with those (checked against its train.py flags --eps, --eta, --beta);
---category-from names the sweep for a category:
+row must come from a sweep run with those, and with the anchor its category gets (checked against what the
+row records, else its sweep's train.py flags --eps, --eta, --beta, --anchor); --category-from names the
+sweep for a category:
 
     python bench/sweep_compare.py null=... content=... eps3e-3=... --category-from entity=eps3e-3 \
         --defaults bench/results/sweep.json
@@ -91,6 +92,12 @@ def defaults(sweeps: list[tuple[str, dict]], category_from: dict[str, str] | Non
                 raise SystemExit(f"the defaults train {r['concept']!r} at {flag} {want:g}, the sweep "
                                  f"{label!r} did not; pass --category-from {r['category']}=LABEL with a "
                                  f"sweep run with {flag} {want:g}")
+        anchor = train.ANCHOR_BY_CATEGORY.get(category, "null")  # what --anchor auto trains it with
+        if anchor != (ran := anchor_of(by_label[label][r["concept"]], flags[label], label)):
+            said = f"with {ran}" if ran else "does not say with which"
+            raise SystemExit(f"the defaults train {r['concept']!r} with --anchor {anchor}, the sweep "
+                             f"{label!r} {said}; pass --category-from {r['category']}=LABEL with a sweep run "
+                             f"with --anchor {anchor}")
         rows.append(by_label[label][r["concept"]])
         source[r["concept"]] = label
     agg = aggregate(rows)
@@ -105,6 +112,17 @@ def trained_at(row: dict, flags: list[str], flag: str, paper: float) -> float:
     row from before it recorded them, read from the sweep's flags (ran_at)."""
     recorded = row.get("train", {}).get("settings", {})
     return float(recorded[k]) if (k := flag.removeprefix("--")) in recorded else ran_at(flags, flag, paper)
+
+
+def anchor_of(row: dict, flags: list[str], label: str) -> str | None:
+    """The anchor a row was trained with: recorded in the row by bench/sweep.py; else the sweep's --anchor
+    flag; else its label where the label is an --anchor value (the sweeps of each anchor, labelled so);
+    else None: a sweep of --anchor auto from before rows recorded it, whose resolution then is not known."""
+    if anchor := row.get("train", {}).get("settings", {}).get("anchor"):
+        return anchor
+    if "--anchor" in flags and (flag := flags[flags.index("--anchor") + 1]) != "auto":
+        return flag
+    return label if label in ("null", "content") else None
 
 
 def ran_at(flags: list[str], flag: str, paper: float) -> float:

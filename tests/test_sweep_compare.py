@@ -33,12 +33,18 @@ STORED = C.read_configs(train.DEFAULT_MODEL).defaults
 ETA_COLOUR = STORED["eta"]["abstraction"]  # the tiny model's η for colours (README)
 ETA_STYLE = STORED["eta"]["style"]  # and for styles, whose rows come from the content anchor's sweep
 AT_ETA_STYLE = ["--eta", repr(ETA_STYLE)]
+ANCHOR = {k: train.ANCHOR_BY_CATEGORY.get(k, "null") for k in ("style", "entity", "abstraction")}  # auto's
+# the flags of a sweep of one category at everything else the tiny model's defaults train it with
+AT_ENTITY = ["--eps", "3e-3", "--eta", repr(train.default_eta(STORED, "entity")),
+             "--anchor", ANCHOR["entity"]]
+AT_COLOUR = ["--eta", repr(ETA_COLOUR), "--anchor", ANCHOR["abstraction"]]
+AT_STYLE = [*AT_ETA_STYLE, "--anchor", ANCHOR["style"]]
 
 
 def test_each_row_comes_from_its_categorys_anchor_or_the_sweep_of_its_stored_eps_or_eta(tmp_path):
     null, content, eps, eta = fake_sweep(0.0), fake_sweep(100.0), fake_sweep(200.0), fake_sweep(300.0)
-    eps["train_flags"] += ["--eps", "3e-3"]  # the ε the tiny model stores for entities
-    eta["train_flags"] += ["--eta", repr(ETA_COLOUR)]
+    eps["train_flags"] += AT_ENTITY  # with the ε the tiny model stores for entities
+    eta["train_flags"] += AT_COLOUR
     content["train_flags"] += AT_ETA_STYLE
     out = tmp_path / "defaults.json"
     files = [f"null={_write(tmp_path / 'n.json', null)}", f"content={_write(tmp_path / 'c.json', content)}",
@@ -60,8 +66,8 @@ def test_a_colour_row_from_a_sweep_at_the_papers_eta_is_refused(tmp_path):
     assert ETA_COLOUR != train.ETA
     files = [f"{k}={_write(tmp_path / f'{k}.json', fake_sweep(x))}"
              for k, x in (("null", 0), ("content", 100))]
-    eps = {**fake_sweep(200.0), "train_flags": ["--beta", repr(BETA), "--eps", "3e-3"]}
-    style = {**fake_sweep(300.0), "train_flags": ["--beta", repr(BETA), *AT_ETA_STYLE]}
+    eps = {**fake_sweep(200.0), "train_flags": ["--beta", repr(BETA), *AT_ENTITY]}
+    style = {**fake_sweep(300.0), "train_flags": ["--beta", repr(BETA), *AT_STYLE]}
     files += [f"eps={_write(tmp_path / 'e.json', eps)}", f"style={_write(tmp_path / 's.json', style)}"]
     want = f"--category-from colour=LABEL with a sweep run with --eta {ETA_COLOUR:g}"
     with pytest.raises(SystemExit, match=want):
@@ -77,7 +83,8 @@ def test_rows_that_record_their_settings_are_checked_by_those_not_by_the_sweeps_
     for r in d["rows"]:
         category = STORED["categories"][r["concept"]]
         r["train"] = {"settings": {"eps": train.default_eps(STORED, category),
-                                   "eta": train.default_eta(STORED, category), "beta": BETA}}
+                                   "eta": train.default_eta(STORED, category), "beta": BETA,
+                                   "anchor": ANCHOR[category]}}
     out = tmp_path / "d.json"
     S.main([f"all={_write(tmp_path / 'a.json', d)}", *sum((["--category-from", f"{k}=all"] for k in
                                                             ("style", "entity", "colour")), []),
@@ -89,6 +96,35 @@ def test_rows_that_record_their_settings_are_checked_by_those_not_by_the_sweeps_
     with pytest.raises(SystemExit, match="'red' at --eta"):
         S.main([f"all={tmp_path / 'a.json'}", "--category-from", "style=all", "--category-from", "entity=all",
                 "--category-from", "colour=all", "--defaults", str(tmp_path / "e.json")])
+
+
+@pytest.mark.parametrize("how", ["recorded", "flag", "unknown"])
+def test_rows_trained_with_another_anchor_than_their_categorys_are_refused(tmp_path, how):
+    # An entity sweep at every stored setting but the anchor, told by what its rows record, by its --anchor
+    # flag, or not at all (a sweep of --anchor auto from before rows recorded the anchor it resolved to).
+    other = "content" if ANCHOR["entity"] == "null" else "null"
+    wrong = {"recorded": AT_ENTITY[:-2], "flag": [*AT_ENTITY[:-2], "--anchor", other],
+             "unknown": AT_ENTITY[:-2]}  # AT_ENTITY without its --anchor
+    part = {**fake_sweep(200.0), "train_flags": ["--beta", repr(BETA), *wrong[how]]}
+    if how == "recorded":
+        for r in part["rows"]:
+            r["train"] = {"settings": {"anchor": other}}
+    style = {**fake_sweep(100.0), "train_flags": ["--beta", repr(BETA), *AT_STYLE]}
+    colour = {**fake_sweep(300.0), "train_flags": ["--beta", repr(BETA), *AT_COLOUR]}
+    files = [f"content={_write(tmp_path / 'c.json', style)}", f"colour={_write(tmp_path / 'h.json', colour)}",
+             f"entity={_write(tmp_path / 'e.json', part)}"]
+    cli = [*files, "--category-from", "entity=entity", "--category-from", "colour=colour"]
+    want = "with " + other if how != "unknown" else "does not say with which"
+    msg = f"'star' with --anchor {ANCHOR['entity']}, the sweep 'entity' {want}"
+    with pytest.raises(SystemExit, match=msg):
+        S.main([*cli, "--defaults", str(tmp_path / "d.json")])
+    assert not (tmp_path / "d.json").exists()
+    part["train_flags"] = ["--beta", repr(BETA), *AT_ENTITY]  # the same sweep at the right anchor passes
+    for r in part["rows"]:
+        r.pop("train", None)
+    _write(tmp_path / "e.json", part)
+    S.main([*cli, "--defaults", str(tmp_path / "d.json")])
+    assert json.loads((tmp_path / "d.json").read_text())["sweep_of"]["star"] == "entity"
 
 
 def test_a_missing_anchor_sweep_is_named(tmp_path):
@@ -159,5 +195,6 @@ def test_a_sweep_row_records_the_eps_eta_and_beta_train_resolved(random_ckpt, tm
     (ckpt / "zerase.json").write_text(json.dumps({"eta": {"entity": 0.5}}))
     out = tmp_path / "x.safetensors"
     train.main(args(ckpt, out, "--steps", "1"))  # --category entity
-    want = {"eps": train.EPS_BY_CATEGORY["entity"], "eta": 0.5, "beta": train.BETA}
-    assert sweep.stored_settings(out) == want
+    want = {"eps": train.EPS_BY_CATEGORY["entity"], "eta": 0.5, "beta": train.BETA,
+            "anchor": ANCHOR["entity"]}
+    assert sweep.resolved_settings(out) == want
