@@ -3,6 +3,9 @@
 Each is built once per test session (< 1 s) under pytest's temporary directory.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -37,22 +40,26 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def probe(code: str) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh Python process: a CPU without bf16 instructions can kill torch with SIGILL,
+    which must end the probe, not pytest."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture(scope="session")
 def bf16_cpu():
     """Skip unless this CPU runs bfloat16 matmuls and attention. On CPUs without bf16 instructions torch
     can die with SIGILL, which would end pytest itself, so the probe runs in a subprocess."""
-    import subprocess
-    import sys
     code = ("import torch; import torch.nn.functional as F; "
             "a = torch.randn(2, 2, 64, 64, dtype=torch.bfloat16); "
             "F.linear(a, a[0, 0]).sum().item(); F.scaled_dot_product_attention(a, a, a).sum().item()")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = probe(code)
     if r.returncode != 0:
         pytest.skip(f"this CPU cannot run bfloat16 matmuls (the probe process exited with {r.returncode}); "
                     f"the bf16 paths are tested where it can")
 
 
-BF16_SLOWDOWN_LIMIT = 10.0  # native bf16 runs a matmul at about fp32's speed or faster; a fallback ~100x slower
+BF16_SLOWDOWN_LIMIT = 10.0  # native bf16 runs a matmul at about fp32's speed or faster; a fallback, ~100x
 
 
 @pytest.fixture(scope="session")
@@ -61,14 +68,12 @@ def bf16_native_cpu(bf16_cpu):
     torch falls back to a slow kernel for some layouts: grad @ W, the backward of every linear, ran ~100x
     slower than fp32, and the two real-width bf16 training cases took over 10 minutes each instead of
     seconds. Timed in a subprocess (one thread, as the tests run), the layout backward uses."""
-    import subprocess
-    import sys
     code = ("import time, torch; torch.set_num_threads(1)\n"
             "def t(dt):\n"
             "    g, w = torch.randn(48, 4096, dtype=dt), torch.randn(4096, 2048, dtype=dt); g @ w\n"
             "    s = time.perf_counter(); g @ w; return time.perf_counter() - s\n"
             "print(t(torch.bfloat16) / t(torch.float32))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = probe(code)
     slowdown = float(r.stdout.strip()) if r.returncode == 0 else float("inf")
     if slowdown > BF16_SLOWDOWN_LIMIT:
         pytest.skip(f"this CPU runs bfloat16 matmuls through a slow fallback ({slowdown:.0f}x fp32's time, "
