@@ -1,0 +1,74 @@
+"""
+Where an erasure loses the rest of its concept's prompts: on the sweep's content prompts of one concept
+(evaluate.prompt_sets, the same prompts and seeds as bench/sweep.py), the classifier's read of the other
+heads on the base and the erased image of each, then a paste test that tells a local change from a global
+one. For the largest changes (the pixels whose summed |erased - base| over RGB exceeds a threshold):
+  "blob only":  the base image with those pixels taken from the erased one;
+  "all but":    the erased image with those pixels put back from the base one.
+If the head still reads the base's class on "blob only" but not on "all but", what the head lost is spread
+over the image (e.g. the style's texture), not hidden under the erased concept's silhouette.
+
+    python bench/content_probe.py --concept star --lora weights/loras/star.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import checkpoint as C  # noqa: E402
+import evaluate as E  # noqa: E402
+import lora_file  # noqa: E402
+from tiny import world  # noqa: E402
+from tiny.classifier import load_classifier, score  # noqa: E402
+from train import DEFAULT_MODEL  # noqa: E402
+
+SWEEP_SIZES = E.Sizes(erase=5, variant=3, related=2, content=8, neutral=16, unconditional=32, unrelated=5)
+CLASSES = {"style": world.STYLE_CLASSES, "entity": world.ENTITIES, "colour": world.COLOURS}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concept", required=True)
+    p.add_argument("--lora", required=True)
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--thresholds", default="60,120,200", help="comma-separated, in summed RGB levels")
+    a = p.parse_args(argv)
+    prompts = E.prompt_sets(a.concept, SWEEP_SIZES)["content"]
+    seeds = list(range(a.seeds))
+    items = E.items_of(prompts, seeds)
+    requests = [r for _ in seeds for _, r in prompts]
+    base = C.load_zimage(DEFAULT_MODEL)
+    erased = C.load_zimage(DEFAULT_MODEL)
+    lora_file.apply_loras(erased.transformer, [a.lora], None)
+    ib, ie = E.sample_images(base, items), E.sample_images(erased, items)
+    clf = load_classifier()
+
+    def reads(imgs: np.ndarray) -> dict:
+        return score(world.to_tensor(imgs), clf)
+
+    pb, pe = reads(ib), reads(ie)
+    heads = [h for h in CLASSES if h in requests[0]]
+    for k, (prompt, seed) in enumerate(items):
+        got = ", ".join(f"{h} {CLASSES[h][pb[h][k]]} -> {CLASSES[h][pe[h][k]]}" for h in heads)
+        print(f"{prompt!r} seed {seed}: {got}")
+    diff = np.abs(ie.astype(np.int32) - ib.astype(np.int32)).sum(-1)  # (n, H, W)
+    for h in heads:
+        print(f"{h}: the erased image reads as the base one in {int((pe[h] == pb[h]).sum())} of {len(items)}")
+        for thr in map(int, a.thresholds.split(",")):
+            m = diff > thr
+            blob, rest = ib.copy(), ie.copy()
+            blob[m], rest[m] = ie[m], ib[m]
+            kept_blob, kept_rest = (int((reads(x)[h] == pb[h]).sum()) for x in (blob, rest))
+            print(f"  changes > {thr} ({m.mean():.0%} of pixels): blob only {kept_blob} of {len(items)}, "
+                  f"all but {kept_rest} of {len(items)}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
