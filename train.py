@@ -51,9 +51,10 @@ TEMPLATE_BY_CATEGORY = {"style": "An art in the style of {}", "entity": "A photo
                         "nudity": "A photo of {}", "violence": "A photo of {}"}  # Table 7
 # --anchor auto: measured per category on the 28 concepts of the tiny model (bench/results/sweep-*.json,
 # README). Styles: content is better on every measure; colours (abstraction): better content kept, neutral
-# prompts and FD, worse on the other colours (Acc_ir); entities: no better, so the paper's ∅. Categories never
-# measured keep the paper's ∅.
-ANCHOR_BY_CATEGORY = {"style": "content", "abstraction": "content"}
+# prompts and FD, worse on the other colours (Acc_ir); entities: at the paper's ε, β and η no better, but at
+# the tiny model's (ε 3e-3, β 100, η 1) the other entities lose 2.4 points on average instead of 4.3 with ∅.
+# Categories never measured keep the paper's ∅.
+ANCHOR_BY_CATEGORY = {"style": "content", "entity": "content", "abstraction": "content"}
 GENERIC_PRESERVE = ["a photo of a dog", "a portrait of a woman", "a landscape with mountains and a lake",
                     "a city street at night", "a bowl of fruit on a table", "a red car", "a cat on a sofa",
                     "an oil painting of a ship"]  # used when the model stores no preservation prompts
@@ -100,8 +101,8 @@ def add_algorithm_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, help="β, step size of the λ update (Eq. 13); default: the model's "
                    "stored value if it has one (the tiny model: 100), else the paper's 0.1")
     p.add_argument("--eta", type=float, help="η, negative guidance of the erase target (Eq. 5); default by "
-                   "category: the model's stored value if it has one (the tiny model: style and abstraction "
-                   "1), else the paper's 2")
+                   "category: the model's stored value if it has one (the tiny model: 1 for style, entity "
+                   "and abstraction), else the paper's 2")
     p.add_argument("--eps", type=float, help="ε, preservation tolerance per step, in units of α; default by "
                    "category: the model's stored value if it has one (the tiny model: entity 3e-3), else "
                    "Table 6's")

@@ -66,7 +66,7 @@ PAPER = ("--anchor", "null")  # every run erases towards v(x_t, ∅), as the pap
 
 def paper_settings(concept: str) -> tuple[str, ...]:
     """--eps at Table 6's value for the concept's category, --eta at the paper's 2 and --beta at its 0.1:
-    the tiny model stores its own ε for entities, η for styles and colours and β (train.default_eps,
+    the tiny model stores its own ε for entities, η for each category and β (train.default_eps,
     default_eta, default_beta); the claims are checked with the paper's (a point's own flag comes last and
     wins)."""
     import checkpoint as C

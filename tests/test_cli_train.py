@@ -402,7 +402,7 @@ def test_eta_is_the_models_stored_value_for_the_category_else_the_papers_and_eta
                                                                                              tmp_path):
     stored = C.read_configs(TINY).defaults["eta"]
     assert stored and all(v != train.ETA for v in stored.values())  # the tiny model departs from 2 (README)
-    for concept, category in (("red", "abstraction"), ("Van Gogh", "style")):
+    for concept, category in (("red", "abstraction"), ("Van Gogh", "style"), ("star", "entity")):
         plan = train.check(train.parse_args(tiny(concept)))
         assert plan.eta == plan.settings["eta"] == stored.get(category, train.ETA)
         assert train.check(train.parse_args(tiny(concept, "--eta", "0.7"))).eta == 0.7

@@ -156,6 +156,24 @@ def test_resuming_after_an_interrupt_gives_a_bit_identical_lora_and_log(random_c
     assert not out.with_suffix(".ckpt.safetensors").exists()  # removed after the finished run
 
 
+def test_resuming_with_the_papers_anchor_gives_a_bit_identical_lora_and_log(random_ckpt, tmp_path,
+                                                                           monkeypatch):
+    """The same with --anchor null, whose erase references are computed per step in chunks of
+    run.ref_chunk steps (train.frozen_reference) rather than kept with the pool: the resumed run computes
+    the chunk it resumes in as the uninterrupted run did."""
+    paper = (*BASE, "--anchor", "null")
+    want = train.main(args(random_ckpt, tmp_path / "uninterrupted.safetensors", *paper))
+    out = tmp_path / "circle.safetensors"
+    real = interrupt_in_step(5, monkeypatch)
+    with pytest.raises(SystemExit):
+        train.main(args(random_ckpt, out, *paper))
+    monkeypatch.setattr(train, "losses", real)
+    train.main(args(random_ckpt, out, *paper, "--resume"))
+    got, ref = lora_file.read_lora(out)[0], lora_file.read_lora(want)[0]
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    assert step_lines(out) == step_lines(want)
+
+
 def test_resuming_at_the_start_of_a_measurement_pair_gives_the_same_log(random_ckpt, tmp_path, monkeypatch,
                                                                        reference, capsys):
     """A checkpoint after step 4 (steps 4 and 5 share a fresh measurement batch): step 4's "before" was

@@ -18,8 +18,10 @@ from sample import denoise, initial_noise, turbo_sigmas
 
 
 def make_run(ckpt, tmp_path, *extra) -> train.Run:
+    """The paper's run (Eq. 5 around ∅: --anchor null; tests/test_anchor.py pins the content anchor)."""
     argv = ["--concept", "circle", "--model", str(ckpt), "--category", "entity", "--resolution", "32",
-            "--pool", "2", "--variants", "4", "--out", str(tmp_path / "x.safetensors"), *extra]
+            "--pool", "2", "--variants", "4", "--anchor", "null", "--out", str(tmp_path / "x.safetensors"),
+            *extra]
     run = train.prepare(train.parse_args(argv))
     run.log.close()
     return run
