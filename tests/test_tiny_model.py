@@ -1,6 +1,7 @@
 """The embedded default model, weights/zimage-tiny: real layout, loaded by the same loader, sampled by the
 same sampler, equal to what diffusers' pipeline makes of it, and small enough to ship."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,22 @@ def test_tiny_model_gives_the_same_image_as_the_diffusers_pipeline(tmp_path):
                generator=torch.Generator("cpu").manual_seed(3), output_type="pil").images[0]
     diff = np.abs(np.asarray(Image.open(out)).astype(int) - np.asarray(ref).astype(int))
     assert diff.max() <= 2 and diff.mean() <= 0.5, (diff.max(), diff.mean())
+
+
+def test_the_stored_defaults_are_the_same_in_every_process_and_match_the_committed_ones():
+    """tiny/pretrain.model_defaults (what zerase.json stores) does not depend on Python's string-hash seed,
+    and gives the committed file but for the preservation prompts drawn after each Table 7 prompt, which the
+    committed file holds from before the draw order was fixed (model_defaults' docstring)."""
+    root = Path(C.__file__).parent
+    code = "import json; from tiny import pretrain; print(json.dumps(pretrain.model_defaults()))"
+    out = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONHASHSEED": h, "PYTHONPATH": str(root)}).stdout
+           for h in ("1", "2", "3")}
+    assert len(out) == 1
+    made = json.loads(out.pop())
+    stored = json.loads((root / "weights" / "zimage-tiny" / "zerase.json").read_text())
+    assert {k: v for k, v in made.items() if k != "preserve"} == {k: v for k, v in stored.items()
+                                                                   if k != "preserve"}
+    for category, prompts in made["preserve"].items():
+        kept = stored["preserve"][category]
+        assert len(kept) == len(prompts) and kept[::5] == prompts[::5]  # the Table 7 prompt of each concept

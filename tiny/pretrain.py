@@ -201,7 +201,13 @@ def model_defaults() -> dict:
     """What the tiny model stores about itself (zerase.json), read by sample.py and train.py instead of
     choosing anything in code by the model's name: sampling defaults, default prompts, the category of
     each concept (sets ε and the prompt template, Tables 6-7; colours are the paper's "abstraction"), and
-    per-category preservation prompts (the other concepts of the category, in the Table 7 template)."""
+    per-category preservation prompts (the other concepts of the category, in the Table 7 template).
+
+    The preservation prompts are drawn with the slots of each template in sorted order, so they are the same
+    in every process. The committed weights/zimage-tiny/zerase.json holds lists drawn before that order was
+    fixed, in the string-hash order of the process that wrote them (each of those prompts still names one
+    concept of its category in a pretraining template), and keeps them: every sweep in the README was
+    measured with them, and a model rebuilt by this script gets other lists of the same kind."""
     category = {"style": "style", "entity": "entity", "colour": "abstraction"}
     rng = np.random.default_rng(0)
     preserve = {}
@@ -216,7 +222,7 @@ def model_defaults() -> dict:
             prompts.append(table7.format(**{k: c}))
             for t in rng.choice(usable, 4, replace=False):
                 fill = {s: world.CONCEPTS[s][int(rng.integers(len(world.CONCEPTS[s])))]
-                        for s in world.template_slots(t)}
+                        for s in sorted(world.template_slots(t))}  # a frozenset's order varies by process
                 prompts.append(world.fill_template(t, {**fill, k: c}))
         preserve[category[k]] = prompts
     return {
