@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,22 +25,23 @@ sys.path.insert(0, str(ROOT))
 import checkpoint as C  # noqa: E402
 import evaluate as E  # noqa: E402
 import lora_file  # noqa: E402
+from sweep import SIZES  # noqa: E402
 from tiny import world  # noqa: E402
 from tiny.classifier import load_classifier, score  # noqa: E402
 from train import DEFAULT_MODEL  # noqa: E402
-
-SWEEP_SIZES = E.Sizes(erase=5, variant=3, related=2, content=8, neutral=16, unconditional=32, unrelated=5)
-CLASSES = {"style": world.STYLE_CLASSES, "entity": world.ENTITIES, "colour": world.COLOURS}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concept", required=True)
     p.add_argument("--lora", required=True)
+    p.add_argument("--prompts", type=int, default=5, help="canonical prompts, as bench/sweep.py's --prompts "
+                   "(the content set is sized as the sweep sizes it)")
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--thresholds", default="60,120,200", help="comma-separated, in summed RGB levels")
     a = p.parse_args(argv)
-    prompts = E.prompt_sets(a.concept, SWEEP_SIZES)["content"]
+    sizes = replace(E.Sizes.from_n(a.prompts), **SIZES)  # bench/sweep.py's sizes
+    prompts = E.prompt_sets(a.concept, sizes)["content"]
     seeds = list(range(a.seeds))
     items = E.items_of(prompts, seeds)
     requests = [r for _ in seeds for _, r in prompts]
@@ -53,9 +55,9 @@ def main(argv=None):
         return score(world.to_tensor(imgs), clf)
 
     pb, pe = reads(ib), reads(ie)
-    heads = [h for h in CLASSES if h in requests[0]]
+    heads = [h for h in E.CLASSES if h in requests[0]]
     for k, (prompt, seed) in enumerate(items):
-        got = ", ".join(f"{h} {CLASSES[h][pb[h][k]]} -> {CLASSES[h][pe[h][k]]}" for h in heads)
+        got = ", ".join(f"{h} {E.CLASSES[h][pb[h][k]]} -> {E.CLASSES[h][pe[h][k]]}" for h in heads)
         print(f"{prompt!r} seed {seed}: {got}")
     diff = np.abs(ie.astype(np.int32) - ib.astype(np.int32)).sum(-1)  # (n, H, W)
     for h in heads:
