@@ -120,7 +120,7 @@ def anchor_of(row: dict, flags: list[str], label: str) -> str | None:
     else None: a sweep of --anchor auto from before rows recorded it, whose resolution then is not known."""
     if anchor := row.get("train", {}).get("settings", {}).get("anchor"):
         return anchor
-    if "--anchor" in flags and (flag := flags[flags.index("--anchor") + 1]) != "auto":
+    if (flag := flag_value(flags, "--anchor")) not in (None, "auto"):
         return flag
     return label if label in ("null", "content") else None
 
@@ -129,7 +129,12 @@ def ran_at(flags: list[str], flag: str, paper: float) -> float:
     """The value of a setting the model may store (--eps, --eta, --beta) that a sweep passed to train.py;
     without the flag, the paper's (every sweep here was run before the model stored its own; a newer one
     without the flag would have run at the stored value)."""
-    return float(flags[flags.index(flag) + 1]) if flag in flags else paper
+    return float(value) if (value := flag_value(flags, flag)) is not None else paper
+
+
+def flag_value(flags: list[str], flag: str) -> str | None:
+    """The value after `flag` among a sweep's train.py flags (its first occurrence), or None without it."""
+    return flags[flags.index(flag) + 1] if flag in flags else None
 
 
 def main(argv=None):
