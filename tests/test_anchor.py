@@ -107,16 +107,16 @@ def test_the_erase_loss_is_eq_5_around_the_content_anchor(zi, tmp_path):
     assert (v_a - v_null).abs().max() > 1e-2  # the anchor is not ∅: the check tells the two apart
 
 
-@pytest.mark.parametrize("concept, want", [("Monet", "content"), ("star", "content"), ("red", "content"),
-                                           ("a nude figure", "null")])
-def test_auto_is_the_anchor_measured_for_the_category_and_the_papers_null_elsewhere(tmp_path, concept, want):
+@pytest.mark.parametrize("concept, extra, want", [
+    ("Monet", [], "content"), ("star", [], "content"), ("red", [], "content"),
+    ("a nude figure", ["--category", "nudity", "--force"], "null")])
+def test_auto_is_the_anchor_measured_for_the_category_and_the_papers_null_elsewhere(tmp_path, concept, extra,
+                                                                                   want):
     """--anchor auto, the default, resolves by the concept's category (train.ANCHOR_BY_CATEGORY) to exactly
     the plan of the explicit flag: the same erase prompts and anchors, and settings that record the resolved
     anchor, so the LoRA it trains is the explicit flag's. A category no sweep measured (nudity, not in the
     tiny world) keeps the paper's ∅."""
-    out = ["--out", str(tmp_path / "x.safetensors")]
-    if concept == "a nude figure":
-        out += ["--category", "nudity", "--force"]
+    out = ["--out", str(tmp_path / "x.safetensors"), *extra]
     auto = train.check(train.parse_args(["--concept", concept, *out]))
     explicit = train.check(train.parse_args(["--concept", concept, "--anchor", want, *out]))
     assert auto.settings["anchor"] == want and auto.settings == explicit.settings
