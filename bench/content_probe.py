@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 import checkpoint as C  # noqa: E402
 import evaluate as E  # noqa: E402
 import lora_file  # noqa: E402
+from cli import die  # noqa: E402
 from sweep import SIZES  # noqa: E402
 from tiny import world  # noqa: E402
 from tiny.classifier import load_classifier, score  # noqa: E402
@@ -40,6 +41,13 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--thresholds", default="60,120,200", help="comma-separated, in summed RGB levels")
     a = p.parse_args(argv)
+    known = [c for cs in world.CONCEPTS.values() for c in cs]
+    if a.concept not in known:
+        die(f"--concept {a.concept!r} is not a concept of the tiny world; use one of: {', '.join(known)}.")
+    try:
+        thresholds = [int(t) for t in a.thresholds.split(",")]
+    except ValueError:
+        die(f"--thresholds {a.thresholds!r}: give comma-separated integers, e.g. 60,120,200.")
     sizes = replace(E.Sizes.from_n(a.prompts), **SIZES)  # bench/sweep.py's sizes
     prompts = E.prompt_sets(a.concept, sizes)["content"]
     seeds = list(range(a.seeds))
@@ -47,7 +55,10 @@ def main(argv=None):
     requests = [r for _ in seeds for _, r in prompts]
     base = C.load_zimage(DEFAULT_MODEL)
     erased = C.load_zimage(DEFAULT_MODEL)
-    lora_file.apply_loras(erased.transformer, [a.lora], None)
+    try:
+        lora_file.apply_loras(erased.transformer, [a.lora], None)
+    except (OSError, lora_file.LoRAFileError) as e:
+        die(f"--lora {e}")  # lora_file's messages name the file and the fix
     ib, ie = E.sample_images(base, items), E.sample_images(erased, items)
     clf = load_classifier()
 
@@ -62,7 +73,7 @@ def main(argv=None):
     diff = np.abs(ie.astype(np.int32) - ib.astype(np.int32)).sum(-1)  # (n, H, W)
     for h in heads:
         print(f"{h}: the erased image reads as the base one in {int((pe[h] == pb[h]).sum())} of {len(items)}")
-        for thr in map(int, a.thresholds.split(",")):
+        for thr in thresholds:
             m = diff > thr
             blob, rest = ib.copy(), ie.copy()
             blob[m], rest[m] = ie[m], ib[m]
