@@ -354,6 +354,20 @@ def _mean(x: torch.Tensor) -> float | None:
     return x.mean().item() if len(x) else None
 
 
+def paired_se(kept: dict) -> float | None:
+    """The standard error of erased - base for a Scored.kept() figure, from its own numbers: the same images
+    under both models, so the difference is a mean of per-image d in {-1, 0, +1}. With b, e the accuracies
+    and r "retained", P(d = -1) = b(1 - r) (lost) and P(d = +1) = e - b·r (gained), so
+    Var(d) = lost + gained - (e - b)^2 and SE = sqrt(Var(d) / n). It treats the n images as independent;
+    the seeds of one prompt are not quite, so read it as a lower bound on the noise."""
+    b, e, n = kept["base"], kept["erased"], kept["n"]
+    if b is None or e is None or not n:
+        return None
+    both = b * kept["retained"] if kept["retained"] is not None else 0.0  # r is None only when b = 0
+    var = b - both + e - both - (e - b) ** 2
+    return math.sqrt(max(var, 0.0) / n)
+
+
 def ground_truth_accuracy(requests: list[Request], clf, seed: int = 0) -> dict[str, float]:
     """Per head named by the requests: the classifier's accuracy on the world's ground-truth renders of
     them (attributes a request leaves open drawn at random), i.e. whether the classifier can read that

@@ -26,7 +26,9 @@ Measures per concept (points are accuracy x 100; a drop is base minus erased):
   Acc_e            erased accuracy on the canonical prompts, and the worst variant set;
   Acc_ir           pooled over the other concepts of the category, and the worst single concept's drop;
   content / neutral  the worst head's change (erased - base), on prompts naming the concept with the other
-                   two attributes / on prompts naming no concept of the category;
+                   two attributes / on prompts naming no concept of the category, ± its standard error
+                   (evaluate.paired_se); a target's "clear_misses" are the concepts that miss it by more
+                   than two standard errors;
   uncond TV        the largest total variation between base and erased class histograms of the empty prompt;
   FD               Fréchet distance of classifier features on unrelated prompts.
 """
@@ -93,6 +95,9 @@ def parse_args(argv=None):
                    f"Sizes.from_n's (fields: {', '.join(E.Sizes.__dataclass_fields__)}); default: "
                    + " ".join(f"--size {k}={v}" for k, v in SIZES.items()))
     p.add_argument("--concepts", help="comma-separated subset (default: every concept of the world)")
+    p.add_argument("--rebuild", action="store_true", help="recompute the summaries, aggregates and "
+                   "targets of --json from the reports its rows hold (after a change of this file's "
+                   "measures; nothing is trained or drawn)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # one concept, in its own process
     args = p.parse_args(argv)
     args.train_flags, args.out = flags, Path(args.out)
@@ -180,20 +185,22 @@ def summarise(r: dict) -> dict:
     def pts(v):
         return 100 * (v["erased"] - v["base"])
 
-    def worst_delta(heads):
+    def worst_delta(heads):  # the worst head's change, where, and its standard error (points)
         h = min(heads, key=lambda h: pts(heads[h]))
-        return round(pts(heads[h]), 1), h
+        se = E.paired_se(heads[h])
+        return round(pts(heads[h]), 1), h, None if se is None else round(100 * se, 1)
     variant = max(r["Acc_e_variants"], key=lambda v: r["Acc_e_variants"][v]["erased"])
     other = min(r["Acc_ir_by_concept"], key=lambda c: pts(r["Acc_ir_by_concept"][c]))
-    (content, content_at), (neutral, neutral_at) = worst_delta(r["content_kept"]), worst_delta(r["neutral"])
+    (content, content_at, content_se), (neutral, neutral_at, neutral_se) = \
+        worst_delta(r["content_kept"]), worst_delta(r["neutral"])
     tv = r["unconditional"]["total_variation"]
     return {"acc_e": round(r["Acc_e"]["erased"], 3), "acc_e_base": round(r["Acc_e"]["base"], 3),
             "acc_e_variant": round(r["Acc_e_variants"][variant]["erased"], 3), "acc_e_variant_at": variant,
             "acc_ir_base": round(r["Acc_ir"]["base"], 3), "acc_ir_erased": round(r["Acc_ir"]["erased"], 3),
             "acc_ir_drop": round(-pts(r["Acc_ir"]), 1),
             "acc_ir_other_drop": round(-pts(r["Acc_ir_by_concept"][other]), 1), "acc_ir_other_drop_at": other,
-            "content_delta": content, "content_delta_at": content_at,
-            "neutral_delta": neutral, "neutral_delta_at": neutral_at,
+            "content_delta": content, "content_delta_at": content_at, "content_delta_se": content_se,
+            "neutral_delta": neutral, "neutral_delta_at": neutral_at, "neutral_delta_se": neutral_se,
             "uncond_tv": round(max(tv.values()), 3), "uncond_tv_at": max(tv, key=tv.get),
             "uncond_FD": round(r["unconditional"]["FD"], 2), "FD": round(r["FD"], 2)}
 
@@ -259,6 +266,10 @@ def targets(rows: list[dict], agg: dict) -> list[dict]:
             res.append({"target": text, "measure": m, "limit": limit, "value": a["worst"],
                         "concept": a["worst_concept"], "met": sign * a["worst"] <= sign * limit,
                         "missed_by": [r["concept"] for r in rows if sign * r["summary"][key] > sign * limit]})
+            if (se_key := f"{key}_se") in rows[0]["summary"]:  # a paired difference: a miss beyond noise?
+                res[-1]["clear_misses"] = [
+                    r["concept"] for r in rows if (se := r["summary"][se_key]) is not None
+                    and sign * (r["summary"][key] - sign * 2 * se) > sign * limit]
     for m, (limit, text) in MEAN_TARGETS.items():
         v = agg["all"][m]["mean"]
         res.append({"target": text, "measure": m, "limit": limit, "value": v, "met": v <= limit})
@@ -276,8 +287,9 @@ def markdown(rows: list[dict], agg: dict) -> str:
                      f"{s['acc_e_variant']:.2f} ({s['acc_e_variant_at']}) | {s['acc_ir_base']:.3f}→"
                      f"{s['acc_ir_erased']:.3f} ({s['acc_ir_other_drop_at']} "
                      f"{0.0 - s['acc_ir_other_drop']:+.1f}) | "
-                     f"{s['content_delta']:+.1f} ({s['content_delta_at']}) | "
-                     f"{s['neutral_delta']:+.1f} ({s['neutral_delta_at']}) | {s['FD']:.2f} |")
+                     f"{s['content_delta']:+.1f} ± {s['content_delta_se']} ({s['content_delta_at']}) | "
+                     f"{s['neutral_delta']:+.1f} ± {s['neutral_delta_se']} ({s['neutral_delta_at']}) | "
+                     f"{s['FD']:.2f} |")
     for group, a in agg.items():
         for kind in ("mean", "worst"):
             def f(m, fmt):
@@ -342,10 +354,37 @@ def check_settings(args) -> dict:
     return settings
 
 
+def rebuild(path: Path) -> dict:
+    """A sweep JSON with its rows' summaries, the aggregates and the targets computed again from the stored
+    reports; everything else (command, timings, pictures, the reports themselves) as it was."""
+    try:
+        res = json.loads(path.read_text())
+        rows = res["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        die(f"--rebuild needs a sweep JSON written by this script ({path}: {e}).")
+    for r in rows:
+        r["summary"] = summarise(r)
+    agg = aggregate(rows)
+    res.update(targets=targets(rows, agg), aggregate=agg)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(res, indent=1)))
+    return res
+
+
+def report_targets(res: dict) -> None:
+    for t in res["targets"]:
+        print(f"{'met   ' if t['met'] else 'MISSED'} {t['target']}: {t['value']}"
+              + (f" ({t['concept']})" if "concept" in t else "")
+              + (f"; beyond 2 SE: {', '.join(t['clear_misses']) or 'none'}" if "clear_misses" in t else ""))
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.rebuild:
+        res = rebuild(Path(args.json))
+        print(markdown(res["rows"], res["aggregate"]))
+        return report_targets(res)
     settings, t0 = check_settings(args), time.time()
     failed = run_all(args)
     wall = time.time() - t0
@@ -367,9 +406,7 @@ def main(argv=None):
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(res, indent=1)))
     print(markdown(rows, agg))
-    for t in res["targets"]:
-        print(f"{'met   ' if t['met'] else 'MISSED'} {t['target']}: {t['value']}"
-              + (f" ({t['concept']})" if "concept" in t else ""))
+    report_targets(res)
     print(f"this run {wall:.0f} s; the sweep, while any concept ran (over resumed runs): {span:.0f} s")
     print(f"wrote {args.json} and {', '.join(pictures)}")
     if failed:

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import checkpoint as C
 import evaluate as E
@@ -400,3 +402,16 @@ def test_evaluate_reliability_prints_per_style_and_per_template(capsys):
         E.HELD_OUT_TEMPLATES)
     assert all(f"  {s:<10} style " in text for s in world.STYLE_CLASSES)
     assert all(t in text for t in E.HELD_OUT_TEMPLATES)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=60))
+def test_paired_se_is_the_standard_error_of_the_per_image_differences(pairs):
+    """paired_se rebuilds the paired 2x2 table from a kept() figure's base, erased and retained alone: on
+    any pattern of (base right, erased right) images it equals std(d) / sqrt(n), d = erased - base."""
+    base, erased = (torch.tensor([float(p[k]) for p in pairs]) for k in (0, 1))
+    s = E.Scored(pred={"base": {"style": 1 - base.long()}, "erased": {"style": 1 - erased.long()}},
+                 rows={"x": list(range(len(pairs)))}, requests={"x": [{"style": 0}] * len(pairs)})
+    kept = s.kept("x", "style")
+    d = (erased - base).numpy()
+    assert E.paired_se(kept) == pytest.approx(d.std() / np.sqrt(len(d)), abs=1e-6)
