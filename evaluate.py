@@ -120,63 +120,18 @@ class Sizes:
                      unconditional=max(2, k(6.4)), unrelated=max(2, n))
 
 
-def _spellings(concept: str, spelling: str) -> tuple[str, ...]:
-    names = world.NAMES[concept]
-    forms = {"canonical": (names.canonical,), "alias": names.aliases, "misspelling": names.misspellings,
-             "held_out": names.held_out}
-    if spelling not in forms:
-        raise ValueError(f"spelling must be one of {sorted(forms)}, got {spelling!r}")
-    return forms[spelling]
-
-
 def concept_prompts(concept: str, n: int, seed: int, *, templates=EVAL_TEMPLATES,
                     spelling: str = "canonical") -> list[Prompt]:
-    """n prompts that ask for `concept`, with what they request: world.prompts_for_concept's recipe (a
-    template of `templates` with the concept's slot, other slots random canonical concepts, the concept
-    in the given spelling), but the slots are drawn in sorted order. world.prompts_for_concept draws them
-    in the order of a frozenset of strings, which Python's hash randomisation changes from process to
-    process, so its prompts differ between runs; these do not."""
-    cat = world.category_of(concept)
-    usable = [t for t in templates
-              if cat in world.template_slots(t) and "plain" not in world.template_slots(t)]
-    if not usable:
-        raise ValueError(f"no template in the given set names a {cat}")
-    forms = _spellings(concept, spelling)
-    rng = np.random.default_rng([seed, 0x5EED])
-    prompts = []
-    for _ in range(n):
-        template, request = _draw_request(usable, rng)
-        request[cat] = world.CONCEPTS[cat].index(concept)
-        words = {c: world.CONCEPTS[c][i] for c, i in request.items()}
-        words[cat] = forms[int(rng.integers(len(forms)))]
-        prompts.append((world.fill_template(template, words), request))
-    return prompts
-
-
-def _draw_request(templates: list[str], rng: np.random.Generator) -> tuple[str, dict[str, int]]:
-    """A template and a random class for each of its slots, drawn in sorted slot order (one recipe for every
-    prompt set, so each set's draws are reproducible from its seed)."""
-    template = templates[int(rng.integers(len(templates)))]
-    slots = sorted(world.template_slots(template))
-    return template, {c: int(rng.integers(len(world.CONCEPTS[c]))) for c in slots}
+    """n prompts that ask for `concept`, with what they request: world.prompts_for_concept (a template of
+    `templates` with the concept's slot, other slots random canonical concepts, the concept in the given
+    spelling), on this module's held-out templates by default."""
+    return world.prompts_for_concept(concept, n, seed, templates=templates, spelling=spelling)
 
 
 def unrelated_prompts(concept: str, n: int, seed: int) -> list[Prompt]:
     """n held-out prompts (EVAL_TEMPLATES, no {plain}) that do not mention `concept`, with what they
-    request: world.prompts_excluding(same_category=False)'s recipe with the slots drawn in sorted order
-    (see concept_prompts)."""
-    cat = world.category_of(concept)
-    others = [c for c in world.CONCEPTS[cat] if c != concept]
-    usable = [t for t in EVAL_TEMPLATES if "plain" not in world.template_slots(t)]
-    rng = np.random.default_rng([seed, 0xE1C])
-    prompts = []
-    for _ in range(n):
-        template, request = _draw_request(usable, rng)
-        if cat in request:
-            request[cat] = world.CONCEPTS[cat].index(others[int(rng.integers(len(others)))])
-        prompts.append((world.fill_template(template, {c: world.CONCEPTS[c][i] for c, i in request.items()}),
-                        request))
-    return prompts
+    request: world.prompts_excluding(same_category=False)."""
+    return world.prompts_excluding(concept, n, seed, templates=EVAL_TEMPLATES, same_category=False)
 
 
 def fill_randomly(template: str, rng: np.random.Generator) -> Prompt:

@@ -3,8 +3,10 @@
 Each is built once per test session (< 1 s) under pytest's temporary directory.
 """
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,6 +46,15 @@ def probe(code: str) -> subprocess.CompletedProcess:
     """Run `code` in a fresh Python process: a CPU without bf16 instructions can kill torch with SIGILL,
     which must end the probe, not pytest."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def outputs_under_hash_seeds(code: str, seeds=("1", "2", "3")) -> set[str]:
+    """What `code` prints in a fresh Python process (repository root on the path) under each string-hash seed
+    PYTHONHASHSEED: one element when its output does not depend on the seed."""
+    root = Path(__file__).resolve().parents[1]
+    return {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": h, "PYTHONPATH": str(root)}).stdout
+            for h in seeds}
 
 
 @pytest.fixture(scope="session")

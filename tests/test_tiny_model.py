@@ -1,7 +1,6 @@
 """The embedded default model, weights/zimage-tiny: real layout, loaded by the same loader, sampled by the
 same sampler, equal to what diffusers' pipeline makes of it, and small enough to ship."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from PIL import Image
 
 import checkpoint as C
 import sample
+from tests.conftest import outputs_under_hash_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "weights" / "zimage-tiny"
@@ -71,9 +71,7 @@ def test_the_stored_defaults_are_the_same_in_every_process_and_match_the_committ
     committed file holds from before the draw order was fixed (model_defaults' docstring)."""
     root = Path(C.__file__).parent
     code = "import json; from tiny import pretrain; print(json.dumps(pretrain.model_defaults()))"
-    out = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
-                          env={**os.environ, "PYTHONHASHSEED": h, "PYTHONPATH": str(root)}).stdout
-           for h in ("1", "2", "3")}
+    out = outputs_under_hash_seeds(code)
     assert len(out) == 1
     made = json.loads(out.pop())
     stored = json.loads((root / "weights" / "zimage-tiny" / "zerase.json").read_text())

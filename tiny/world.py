@@ -818,7 +818,9 @@ def prompts_for_concept(concept: str, n: int, seed: int, *, templates: Sequence[
     """n prompts that ask for `concept`, each with what it requests: {category: index} for every named
     attribute (the classifier then checks the image). Templates are those of `templates` that have the
     concept's slot; other slots get random canonical concepts. `spelling` picks the concept's surface
-    form: "canonical", "alias", "misspelling", "held_out" (never seen in training) or "train" (any)."""
+    form: "canonical", "alias", "misspelling", "held_out" (never seen in training) or "train" (any).
+    Slots are drawn in sorted order: a frozenset's order follows Python's string-hash seed, which changes
+    from process to process, and the prompts must not."""
     category = category_of(concept)
     usable = [t for t in templates if category in template_slots(t) and "plain" not in template_slots(t)]
     if not usable:
@@ -828,7 +830,7 @@ def prompts_for_concept(concept: str, n: int, seed: int, *, templates: Sequence[
     prompts = []
     for _ in range(n):
         template = usable[int(rng.integers(len(usable)))]
-        request = {c: int(rng.integers(len(CONCEPTS[c]))) for c in template_slots(template)}
+        request = {c: int(rng.integers(len(CONCEPTS[c]))) for c in sorted(template_slots(template))}
         request[category] = CONCEPTS[category].index(concept)
         words = {c: CONCEPTS[c][i] for c, i in request.items()}
         words[category] = forms[int(rng.integers(len(forms)))]
@@ -849,7 +851,7 @@ def prompts_excluding(concept: str, n: int, seed: int, *, templates: Sequence[st
     prompts = []
     for _ in range(n):
         template = usable[int(rng.integers(len(usable)))]
-        request = {c: int(rng.integers(len(CONCEPTS[c]))) for c in template_slots(template)}
+        request = {c: int(rng.integers(len(CONCEPTS[c]))) for c in sorted(template_slots(template))}
         if category in request:
             request[category] = CONCEPTS[category].index(others[int(rng.integers(len(others)))])
         prompts.append((fill_template(template, {c: CONCEPTS[c][i] for c, i in request.items()}), request))
