@@ -354,6 +354,20 @@ def check_settings(args) -> dict:
     return settings
 
 
+def figures(rows: list[dict]) -> dict:
+    """Each row's summary, from its stored report (so a change of summarise needs no rerun), and the
+    sweep's targets and aggregates over them."""
+    for r in rows:
+        r["summary"] = summarise(r)
+    agg = aggregate(rows)
+    return {"targets": targets(rows, agg), "aggregate": agg}
+
+
+def write_sweep(path: Path, res: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(res, indent=1)))
+
+
 def rebuild(path: Path) -> dict:
     """A sweep JSON with its rows' summaries, the aggregates and the targets computed again from the stored
     reports; everything else (command, timings, pictures, the reports themselves) as it was."""
@@ -362,11 +376,8 @@ def rebuild(path: Path) -> dict:
         rows = res["rows"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         die(f"--rebuild needs a sweep JSON written by this script ({path}: {e}).")
-    for r in rows:
-        r["summary"] = summarise(r)
-    agg = aggregate(rows)
-    res.update(targets=targets(rows, agg), aggregate=agg)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(res, indent=1)))
+    res.update(figures(rows))
+    write_sweep(path, res)
     return res
 
 
@@ -391,21 +402,18 @@ def main(argv=None):
     rows = [json.loads(f.read_text()) for c in args.concepts
             if (f := args.out / "rows" / f"{name_of(c)}.json").exists()]
     for r in rows:
-        r["summary"] = summarise(r)  # from the stored report, so a change of summarise needs no rerun
         if "anchor" not in r["train"].get("settings", {}) and (
                 lora := args.out / "loras" / f"{name_of(r['concept'])}.safetensors").exists():
             r["train"]["settings"] = resolved_settings(lora)  # a row written before they were all kept
-    agg = aggregate(rows)
     span = covered_seconds([(r["started"], r["finished"]) for r in rows])
     pictures = [os.path.relpath(p, ROOT) for k in world.CONCEPTS
                 if (p := picture(k, args.out, Path(args.pictures))) is not None]
     res = {"command": shlex.join(["python", "bench/sweep.py", *(argv or sys.argv[1:])]), **settings,
            "jobs": args.jobs, "threads_per_job": max(1, (os.cpu_count() or 1) // args.jobs),
            "wall_seconds": span,  # while at least one concept ran, over every resumed run (pauses apart)
-           "targets": targets(rows, agg), "aggregate": agg, "pictures": pictures, "rows": rows}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(res, indent=1)))
-    print(markdown(rows, agg))
+           **figures(rows), "pictures": pictures, "rows": rows}
+    write_sweep(Path(args.json), res)
+    print(markdown(rows, res["aggregate"]))
     report_targets(res)
     print(f"this run {wall:.0f} s; the sweep, while any concept ran (over resumed runs): {span:.0f} s")
     print(f"wrote {args.json} and {', '.join(pictures)}")
