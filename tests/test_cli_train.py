@@ -106,7 +106,8 @@ def test_steps_0_names_only_steps(tmp_path, capsys, no_loading):
     assert set(re.findall(r"--[a-z-]+", line)) == {"--steps"} and "at least 1 (got 0)" in line
 
 
-def test_concepts_are_found_in_any_case_and_unknown_ones_trained_only_with_force(tmp_path):
+def test_concepts_are_found_in_any_case_and_unknown_ones_trained_only_with_force(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out is relative: a user's own loras/ must not matter here
     def plan(*extra):
         return train.check(train.parse_args([*extra, "--out", str(tmp_path / "x.safetensors")]))
     p = plan(*tiny("van gogh"))
@@ -399,7 +400,9 @@ def test_a_stored_beta_trains_exactly_the_lora_of_the_same_beta_given_as_a_flag(
 
 
 def test_eta_is_the_models_stored_value_for_the_category_else_the_papers_and_eta_overrides(random_ckpt,
-                                                                                             tmp_path):
+                                                                                             tmp_path,
+                                                                                             monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out is relative: a user's own loras/ must not matter here
     stored = C.read_configs(TINY).defaults["eta"]
     assert stored and all(v != train.ETA for v in stored.values())  # the tiny model departs from 2 (README)
     for concept, category in (("red", "abstraction"), ("Van Gogh", "style"), ("star", "entity")):
