@@ -4,6 +4,7 @@ Erase a concept from Z-Image with Z-Erase: train a token-gated LoRA (arXiv 2603.
     python train.py --concept "Van Gogh"                       # embedded tiny model, defaults
     python train.py --concept "Van Gogh" --anchor null         # Eq. 5 around v(x_t, ∅), as in the paper
     python train.py --concept "Van Gogh" --mode exact          # exact gradient surgery (Eqs. 11-12)
+    python train.py --concept star --erase-steps 5             # Eq. 5 on the sampler's first 5 of 8 steps
     python train.py --concept church --category entity --model weights/Z-Image-Turbo --device cuda
 
 The file reads as Algorithm 1. `prepare` builds its inputs: the frozen model θ_0, the erasure set D_er and
@@ -152,6 +153,12 @@ def add_sample_flags(p: argparse.ArgumentParser) -> None:
                    "auto = content for the categories where it measured better on the tiny model (" +
                    ", ".join(c for c, a in ANCHOR_BY_CATEGORY.items() if a == "content") + "; README, "
                    "\"The whole world, erased one concept at a time\"), null for every other category")
+    p.add_argument("--erase-steps", type=int, metavar="K", help="Eq. 5's target and Eq. 6 act on the states "
+                   "of the sampler's first K steps; on the later states of a trajectory the LoRA is trained to "
+                   "leave the frozen model's v_θ(x_t, c_er) as it is, so that what the last steps render (the "
+                   "texture of a style) survives the erasure of a shape; default by category: the model's stored "
+                   "value if it has one (the tiny model stores none: 5 of its 8 steps keeps more of most "
+                   "shapes' prompts but leaves a circle unerased; README), else every step (the paper)")
     p.add_argument("--pr-batch", type=int, default=2, help="preservation samples (x_pr, c_pr) per step: "
                    "the Monte-Carlo size of Eq. 8's expectation, and of the L_pr measured for g̃ (Eq. 15)")
     p.add_argument("--pr-neutral", type=int, default=0, metavar="N", help="also preserve N prompts that "
@@ -279,6 +286,7 @@ class ErasePool:
     prompt_of: list[int] | None = None  # --anchor content: the erase prompt of each state's trajectory
     v_c: Tensor | None = None  # (n, C, h, w) with prompt_of: frozen v_θ(x_t, c_er) of each state's own prompt
     refined: M.Refined | None = None  # with prompt_of: each state's (x_t, c_er) after the refiners
+    k: Tensor | None = None  # (n,) the sampler step of each state's trajectory it was visited at (0 = noise)
 
 
 @dataclass
@@ -368,6 +376,7 @@ def build_pools(zi: C.ZImage, args, c_er: list[Tensor], c_pr: list[Tensor], c_nu
 
     er_conds = [c_er[i % len(c_er)] for i in range(max(args.pool, len(c_er)))] if c_anchor else \
         [c_er[0]] * args.pool  # --anchor content: a trajectory per erase prompt; else all under the first
+    k_of = torch.arange(steps).repeat_interleave(len(er_conds))  # trajectory_pool's order: step-major
     x_t, sigma_t, er_idx, v_er, v_null = pool(er_conds, args.seed)  # v_er = v_θ(x_t, its trajectory's c_er)
     conds = [c_pr[i % len(c_pr)] for i in range(max(args.pool, len(c_pr)))]  # a prompt per trajectory
     x_pr, sigma_pr, idx, v_pr, v_pr_null = pool(conds, args.seed + 1)  # v_pr = v_θ(x_pr, c_pr)
@@ -382,7 +391,7 @@ def build_pools(zi: C.ZImage, args, c_er: list[Tensor], c_pr: list[Tensor], c_nu
     # --anchor content: a state's erase prompt is its trajectory's, so Eq. 5's v_θ(x_t, c_er) is the output
     # the sampler computed there; else a step pairs a state with any variant and frozen_reference computes it
     return (ErasePool(x_t, 1 - sigma_t.to(zi.device), v_anchor, c_er, prompt_of=prompt_of,
-                      v_c=v_er if c_anchor else None),
+                      v_c=v_er if c_anchor else None, k=k_of),
             PreservePool(x_pr, 1 - sigma_pr.to(zi.device), [conds[i] for i in idx], v_pr_null, v_pr))
 
 
@@ -400,6 +409,7 @@ class Run:
     eps: float
     eta: float  # Eq. 5's negative guidance
     beta: float  # the λ update's step size (Eq. 13)
+    erase_steps: int | None  # the sampler steps Eq. 5's target acts on (None: all)
     terms: set[str]  # the loss terms in use: erase, attn, pr (Table 5)
     kind: str  # implicit | exact | fixed
     meta: dict  # settings written into the LoRA file
@@ -427,6 +437,7 @@ class Plan:
     eps: float
     eta: float  # Eq. 5's negative guidance
     beta: float
+    erase_steps: int | None  # --erase-steps, resolved (None: every step, the paper)
     aliases: list[str]
     spec: Z.LoRASpec
     terms: set[str]  # the loss terms in use: erase, attn, pr (Table 5)
@@ -525,6 +536,27 @@ def default_beta(defaults: dict) -> float:
     return stored_number(defaults.get("beta", BETA), "β", "the λ update", "--beta")
 
 
+def resolve_erase_steps(flag: int | None, defaults: dict, category: str) -> int | None:
+    """--erase-steps, else the model's stored value for the category (zerase.json "erase_steps": the tiny
+    model's, measured on its world), else None: Eq. 5 on every state, as the paper trains. A value of the
+    model's sampler steps or more is every step, so it resolves to None as well."""
+    steps = defaults.get("steps", 8)
+    if flag is not None:
+        if flag < 1:
+            raise ValueError(f"--erase-steps must be at least 1 (one of the model's {steps} sampler steps); "
+                             f"leave it out to erase on every step.")
+        value = flag
+    else:
+        stored = defaults.get("erase_steps", {}).get(category)
+        if stored is None:
+            return None
+        if isinstance(stored, bool) or not isinstance(stored, int) or stored < 1:
+            raise ValueError(f"the model's zerase.json stores erase_steps = {stored!r} for {category}, not a "
+                             f"whole number ≥ 1; fix that entry or pass --erase-steps.")
+        value = stored
+    return value if value < steps else None
+
+
 def stored_number(value, symbol: str, what: str, flag: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ValueError(f"the model's zerase.json stores {symbol} = {value!r} for {what}, not a number ≥ 0; "
@@ -550,7 +582,8 @@ def check_model_flags(args, cfgs: C.Configs, concept: str) -> dict:
     eps = args.eps if args.eps is not None else default_eps(cfgs.defaults, category)
     eta = args.eta if args.eta is not None else default_eta(cfgs.defaults, category)
     beta = args.beta if args.beta is not None else default_beta(cfgs.defaults)
-    return {"category": category, "eps": eps, "eta": eta, "beta": beta,
+    erase_steps = resolve_erase_steps(args.erase_steps, cfgs.defaults, category)
+    return {"category": category, "eps": eps, "eta": eta, "beta": beta, "erase_steps": erase_steps,
             "aliases": args.alias or cfgs.defaults.get("aliases", {}).get(concept, []), "size": size,
             "spec": Z.LoRASpec(layers=layers, targets=targets, rank=args.rank, lora_alpha=lora_alpha,
                                gated=not args.no_gate)}
@@ -623,7 +656,8 @@ def check(args, cfgs: C.Configs | None = None) -> Plan:
     out = check_output(args.out or f"loras/{concept.lower().replace(' ', '-')}.safetensors", "--out",
                        (".safetensors",), extra_names=(f"{concept}.ckpt.safetensors.lock",))
     settings = {"concept": concept, "category": s["category"], "aliases": s["aliases"], "eps": s["eps"],
-                "eta": s["eta"], "lr": args.lr, "beta": s["beta"], "steps": args.steps, "mode": args.mode,
+                "eta": s["eta"], "erase_steps": s["erase_steps"], "lr": args.lr, "beta": s["beta"],
+                "steps": args.steps, "mode": args.mode,
                 "losses": sorted(terms), "optim": args.optim, "fixed_lambda": args.fixed_lambda,
                 "seed": args.seed, "pool": args.pool, "pr_batch": args.pr_batch,
                 "gtilde_batch": args.gtilde_batch, "gtilde": args.gtilde,
@@ -632,8 +666,8 @@ def check(args, cfgs: C.Configs | None = None) -> Plan:
                 "rank": args.rank, "layers": list(s["spec"].layers), "targets": list(s["spec"].targets),
                 "gate": s["spec"].gated, "preserve": cpr_prompts, "anchor": anchor}
     check_resume(args, cfgs, out, settings)
-    return Plan(concept, s["category"], s["eps"], s["eta"], s["beta"], s["aliases"], s["spec"], terms,
-                s["size"], dtype, cer_prompts, cer_tokens, cpr_prompts, out, settings, anchors, note)
+    return Plan(concept, s["category"], s["eps"], s["eta"], s["beta"], s["erase_steps"], s["aliases"],
+                s["spec"], terms, s["size"], dtype, cer_prompts, cer_tokens, cpr_prompts, out, settings, anchors, note)
 
 
 RESUMABLE = {"steps"}  # settings a resumed run may change (train longer)
@@ -704,8 +738,8 @@ def prepare(args, zi: C.ZImage | None = None, adapt=Z.add_lora) -> Run:
     kind = "fixed" if args.fixed_lambda is not None or "pr" not in plan.terms else args.mode
     erase.concept_tokens = plan.cer_tokens
     run = Run(args, dit, plan.spec, erase, preserve, c_null, params,
-              OPTIMIZERS[args.optim](params, lr=args.lr), plan.eps, plan.eta, plan.beta, plan.terms, kind,
-              plan.settings, plan.out, plan.out.with_suffix(".ckpt.safetensors"),
+              OPTIMIZERS[args.optim](params, lr=args.lr), plan.eps, plan.eta, plan.beta, plan.erase_steps,
+              plan.terms, kind, plan.settings, plan.out, plan.out.with_suffix(".ckpt.safetensors"),
               lam=args.fixed_lambda or 0.0, timings=timings)
     # as many steps' references per call as fit in about 4,096 tokens (16 on the tiny model, 1 at 1024²)
     tokens = dit.layout([tuple(erase.x.shape[-2:])], [max(len(c) for c in c_er)]).seq_len
@@ -738,6 +772,7 @@ class EraseSample:
     concept_tokens: list[int]
     v_c: Tensor | None = None  # (C, h, w): the pool's, else from frozen_reference
     refined: M.Refined | None = None  # (x_t, c_er) after the refiners, when the pool keeps them
+    keep: bool = False  # a state past --erase-steps: the target is v_θ(x_t, c_er) itself, no L_attn
 
 
 def _draw_erase(run: Run, rng: random.Random) -> EraseSample:
@@ -747,7 +782,8 @@ def _draw_erase(run: Run, rng: random.Random) -> EraseSample:
         variant = e.prompt_of[j]
     return EraseSample(e.x[j:j + 1], e.t[j:j + 1], e.v_anchor[j], e.c_er[variant], e.concept_tokens[variant],
                        v_c=e.v_c[j] if e.v_c is not None else None,
-                       refined=e.refined.take([j]) if e.refined is not None else None)
+                       refined=e.refined.take([j]) if e.refined is not None else None,
+                       keep=run.erase_steps is not None and int(e.k[j]) >= run.erase_steps)
 
 
 def _step_rng(run: Run, step: int) -> random.Random:
@@ -794,13 +830,15 @@ def losses(run: Run, er: EraseSample, pr: PreserveBatch, probed: ExitStack) -> t
     # 1 + 2K items: (x_t, c_er), then the preservation inputs (refined by the pool when it keeps them)
     er_streams = er.refined if er.refined is not None else dit.refine(er.x, er.t, [er.c_er])
     streams = M.Refined.cat([er_streams, pr_streams(dit, pr, run.c_null)])
+    attn = "attn" in run.terms and not er.keep
     probe = Z.AttentionProbe(streams.lay, [er.concept_tokens] + [[]] * 2 * len(pr.x))
-    probed.enter_context(Z.attention_probe(dit, run.spec.layers if "attn" in run.terms else (), probe))
+    probed.enter_context(Z.attention_probe(dit, run.spec.layers if attn else (), probe))
     v = dit.unified(streams)  # (1 + 2K, C, h, w)
     zero = v.new_zeros(()).float()
-    L_erase = (Z.erase_loss(v[0], Z.erase_target(er.v_anchor, er.v_c, run.eta))  # Eq. 5
-               if "erase" in run.terms else zero)
-    L_attn = probe.loss() if "attn" in run.terms else zero  # Eq. 6
+    # Eq. 5; past --erase-steps the target is the frozen model's own output there (the LoRA leaves it be)
+    target = er.v_c if er.keep else Z.erase_target(er.v_anchor, er.v_c, run.eta)
+    L_erase = Z.erase_loss(v[0], target) if "erase" in run.terms else zero
+    L_attn = probe.loss() if attn else zero  # Eq. 6
     return L_erase, L_attn, pr_loss(v[1:], pr)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_training_math.py", "tests/test_train.py", "tests/test_gate.py",
          "tests/test_lagrangian.py", "tests/test_precision.py", "tests/test_anchor.py",
-         "tests/test_finetune.py"]
+         "tests/test_finetune.py", "tests/test_erase_steps.py"]
 MUTANTS = [
     ("eta-sign", "zerase.py", "return v_null - eta * (v_c - v_null)", "return v_null + eta * (v_c - v_null)"),
     ("eta-ignored", "train.py", "Z.erase_target(er.v_anchor, er.v_c, run.eta)",
@@ -42,6 +42,8 @@ MUTANTS = [
     ("exact-arguments-swapped", "train.py", "Z.d_star_per_param(g_er, g_pr, run.eps)",
      "Z.d_star_per_param(g_pr, g_er, run.eps)"),
     ("merge-sums", "lora_file.py", "else [1.0 / len(read)] * len(read)", "else [1.0] * len(read)"),
+    ("erase-steps-keep-ignored", "train.py", "target = er.v_c if er.keep else", "target = er.v_c if False else"),
+    ("erase-steps-off-by-one", "train.py", "int(e.k[j]) >= run.erase_steps", "int(e.k[j]) > run.erase_steps"),
     ("gtilde-after-other-batch", "train.py", "        value = pr_value(run, batch)\n",
      "        value = pr_value(run, self.batch(run, step + 2, batch))\n"),
 ]

@@ -137,11 +137,13 @@ def lora_settings(lora: Path) -> dict:
 
 
 def resolved_settings(lora: Path) -> dict:
-    """The settings train.py resolves per model and category rather than from flags alone (ε, η, β, which a
-    model may store, and the anchor --anchor auto picks), as they were for this LoRA, so a comparison of
-    sweeps (bench/sweep_compare.py) knows what each row ran at without reading flags."""
+    """The settings train.py resolves per model and category rather than from flags alone (ε, η, β and the
+    erase steps, which a model may store, and the anchor --anchor auto picks), as they were for this LoRA, so
+    a comparison of sweeps (bench/sweep_compare.py) knows what each row ran at without reading flags. A LoRA
+    from before --erase-steps existed was erased on every step: None, as train.py records that."""
     settings = lora_settings(lora)  # one read of the file, not one per key
-    return {k: settings[k] for k in ("eps", "eta", "beta", "anchor")}
+    return {**{k: settings[k] for k in ("eps", "eta", "beta", "anchor")},
+            "erase_steps": settings.get("erase_steps")}
 
 
 def picture_items(concept: str) -> dict[str, list[tuple[str, int]]]:

@@ -9,9 +9,10 @@ concept, which file does better on each measure. The README's before/after table
 --defaults FILE: with sweeps labelled by train.py's --anchor values, also the sweep of train.py's defaults,
 assembled concept by concept: --anchor auto trains, for a concept, exactly the LoRA of the anchor
 train.ANCHOR_BY_CATEGORY names for its category (tests/test_anchor.py), so its row is that sweep's row.
-Where the model stores its own ε or η for a category or its own β (zerase.json "eps", "eta", "beta"), every
-row must come from a sweep run with those, and with the anchor its category gets (checked against what the
-row records, else its sweep's train.py flags --eps, --eta, --beta, --anchor); --category-from names the
+Where the model stores its own ε, η or erase steps for a category or its own β (zerase.json "eps", "eta",
+"erase_steps", "beta"), every row must come from a sweep run with those, and with the anchor its category
+gets (checked against what the row records, else its sweep's train.py flags --eps, --eta, --erase-steps,
+--beta, --anchor); --category-from names the
 sweep for a category:
 
     python bench/sweep_compare.py null=... content=... eps3e-3=... --category-from entity=eps3e-3 \
@@ -92,6 +93,12 @@ def defaults(sweeps: list[tuple[str, dict]], category_from: dict[str, str] | Non
                 raise SystemExit(f"the defaults train {r['concept']!r} at {flag} {want:g}, the sweep "
                                  f"{label!r} did not; pass --category-from {r['category']}=LABEL with a "
                                  f"sweep run with {flag} {want:g}")
+        steps = train.resolve_erase_steps(None, stored, category)
+        if steps != (ran := erase_steps_of(by_label[label][r["concept"]], flags[label], stored, category)):
+            every = lambda k: "every step" if k is None else f"--erase-steps {k}"  # noqa: E731
+            raise SystemExit(f"the defaults train {r['concept']!r} at {every(steps)}, the sweep {label!r} at "
+                             f"{every(ran)}; pass --category-from {r['category']}=LABEL with a sweep run at "
+                             f"{every(steps)}")
         anchor = train.ANCHOR_BY_CATEGORY.get(category, "null")  # what --anchor auto trains it with
         if anchor != (ran := anchor_of(by_label[label][r["concept"]], flags[label], label)):
             said = f"with {ran}" if ran else "does not say with which"
@@ -112,6 +119,17 @@ def trained_at(row: dict, flags: list[str], flag: str, paper: float) -> float:
     row from before it recorded them, read from the sweep's flags (ran_at)."""
     recorded = row.get("train", {}).get("settings", {})
     return float(recorded[k]) if (k := flag.removeprefix("--")) in recorded else ran_at(flags, flag, paper)
+
+
+def erase_steps_of(row: dict, flags: list[str], stored: dict, category: str) -> int | None:
+    """The sampler steps a row's LoRA erased on (None: every step), as train.py resolved them: recorded in the
+    row by bench/sweep.py; else from the sweep's --erase-steps flag; else every step (every sweep from
+    before the row recorded it ran so)."""
+    recorded = row.get("train", {}).get("settings", {})
+    if "erase_steps" in recorded:
+        return recorded["erase_steps"]
+    flag = flag_value(flags, "--erase-steps")
+    return train.resolve_erase_steps(int(flag), stored, category) if flag is not None else None
 
 
 def anchor_of(row: dict, flags: list[str], label: str) -> str | None:

@@ -192,9 +192,28 @@ def test_a_sweep_row_records_the_eps_eta_and_beta_train_resolved(random_ckpt, tm
     from tests.test_train import args
     ckpt = tmp_path / "ckpt"
     shutil.copytree(random_ckpt, ckpt)
-    (ckpt / "zerase.json").write_text(json.dumps({"eta": {"entity": 0.5}}))
+    (ckpt / "zerase.json").write_text(json.dumps({"eta": {"entity": 0.5}, "erase_steps": {"entity": 3}}))
     out = tmp_path / "x.safetensors"
     train.main(args(ckpt, out, "--steps", "1"))  # --category entity
     want = {"eps": train.EPS_BY_CATEGORY["entity"], "eta": 0.5, "beta": train.BETA,
-            "anchor": ANCHOR["entity"]}
+            "anchor": ANCHOR["entity"], "erase_steps": 3}
     assert sweep.resolved_settings(out) == want
+
+
+@pytest.mark.parametrize("how", ["recorded", "flag"])
+def test_rows_erased_on_fewer_steps_than_the_defaults_are_refused(tmp_path, how):
+    # A sweep at --erase-steps 5 is not the defaults' sweep of a model that stores none (every step).
+    assert train.resolve_erase_steps(None, STORED, "entity") is None
+    entity = {**fake_sweep(200.0), "train_flags": ["--beta", repr(BETA), *AT_ENTITY]}
+    if how == "flag":
+        entity["train_flags"] += ["--erase-steps", "5"]
+    else:
+        for r in entity["rows"]:
+            r["train"] = {"settings": {"eps": 3e-3, "eta": train.default_eta(STORED, "entity"), "beta": BETA,
+                                       "anchor": ANCHOR["entity"], "erase_steps": 5}}
+    content = {**fake_sweep(100.0), "train_flags": ["--beta", repr(BETA), *AT_ETA_STYLE]}
+    files = [f"null={_write(tmp_path / 'n.json', fake_sweep(0.0))}",
+             f"content={_write(tmp_path / 'c.json', content)}", f"es={_write(tmp_path / 'e.json', entity)}"]
+    with pytest.raises(SystemExit, match="at every step, the sweep 'es' at --erase-steps 5"):
+        S.main([*files, "--category-from", "entity=es", "--defaults", str(tmp_path / "d.json")])
+    assert not (tmp_path / "d.json").exists()

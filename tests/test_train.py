@@ -156,12 +156,15 @@ def test_resuming_after_an_interrupt_gives_a_bit_identical_lora_and_log(random_c
     assert not out.with_suffix(".ckpt.safetensors").exists()  # removed after the finished run
 
 
-def test_resuming_with_the_papers_anchor_gives_a_bit_identical_lora_and_log(random_ckpt, tmp_path,
-                                                                           monkeypatch):
+@pytest.mark.parametrize("extra", [("--anchor", "null"), ("--erase-steps", "3")])
+def test_resuming_with_the_papers_anchor_or_erase_steps_gives_a_bit_identical_lora_and_log(random_ckpt,
+                                                                                          tmp_path, monkeypatch,
+                                                                                          extra):
     """The same with --anchor null, whose erase references are computed per step in chunks of
     run.ref_chunk steps (train.frozen_reference) rather than kept with the pool: the resumed run computes
-    the chunk it resumes in as the uninterrupted run did."""
-    paper = (*BASE, "--anchor", "null")
+    the chunk it resumes in as the uninterrupted run did; and with --erase-steps, where which draws keep the
+    frozen output is a function of the pool and (seed, step)."""
+    paper = (*BASE, *extra)
     want = train.main(args(random_ckpt, tmp_path / "uninterrupted.safetensors", *paper))
     out = tmp_path / "circle.safetensors"
     real = interrupt_in_step(5, monkeypatch)
