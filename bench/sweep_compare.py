@@ -12,8 +12,7 @@ train.ANCHOR_BY_CATEGORY names for its category (tests/test_anchor.py), so its r
 Where the model stores its own ε, η or erase steps for a category or its own β (zerase.json "eps", "eta",
 "erase_steps", "beta"), every row must come from a sweep run with those, and with the anchor its category
 gets (checked against what the row records, else its sweep's train.py flags --eps, --eta, --erase-steps,
---beta, --anchor); --category-from names the
-sweep for a category:
+--beta, --anchor); --category-from names the sweep for a category:
 
     python bench/sweep_compare.py null=... content=... eps3e-3=... --category-from entity=eps3e-3 \
         --defaults bench/results/sweep.json
