@@ -158,7 +158,8 @@ def add_sample_flags(p: argparse.ArgumentParser) -> None:
                    "leave the frozen model's v_θ(x_t, c_er) as it is, so that what the last steps render (the "
                    "texture of a style) survives the erasure of a shape; default by category: the model's stored "
                    "value if it has one (the tiny model stores none: 5 of its 8 steps keeps more of most "
-                   "shapes' prompts but leaves a circle unerased; README), else every step (the paper)")
+                   "shapes' prompts but leaves circle and square unerased; README), else every step (the "
+                   "paper)")
     p.add_argument("--pr-batch", type=int, default=2, help="preservation samples (x_pr, c_pr) per step: "
                    "the Monte-Carlo size of Eq. 8's expectation, and of the L_pr measured for g̃ (Eq. 15)")
     p.add_argument("--pr-neutral", type=int, default=0, metavar="N", help="also preserve N prompts that "
