@@ -461,6 +461,9 @@ def check_flags(args) -> set[str]:
     for flag in ("steps", "rank", "pool", "variants", "pr_batch", "checkpoint_every"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)}).")
+    if args.erase_steps is not None and args.erase_steps < 1:
+        raise ValueError(f"--erase-steps must be at least 1 (got {args.erase_steps}); leave it out to erase on "
+                         "every sampler step.")
     if args.pr_neutral < 0:
         raise ValueError(f"--pr-neutral must be 0 (none) or a number of prompts (got {args.pr_neutral}).")
     if args.check_gtilde < 0:
@@ -538,24 +541,16 @@ def default_beta(defaults: dict) -> float:
 
 
 def resolve_erase_steps(flag: int | None, defaults: dict, category: str) -> int | None:
-    """--erase-steps, else the model's stored value for the category (zerase.json "erase_steps": the tiny
-    model's, measured on its world), else None: Eq. 5 on every state, as the paper trains. A value of the
-    model's sampler steps or more is every step, so it resolves to None as well."""
-    steps = defaults.get("steps", 8)
-    if flag is not None:
-        if flag < 1:
-            raise ValueError(f"--erase-steps must be at least 1 (one of the model's {steps} sampler steps); "
-                             f"leave it out to erase on every step.")
-        value = flag
-    else:
-        stored = defaults.get("erase_steps", {}).get(category)
-        if stored is None:
-            return None
-        if isinstance(stored, bool) or not isinstance(stored, int) or stored < 1:
-            raise ValueError(f"the model's zerase.json stores erase_steps = {stored!r} for {category}, not a "
+    """--erase-steps (checked ≥ 1 by check_flags), else the model's stored value for the category (zerase.json
+    "erase_steps"), else None: Eq. 5 on every state, as the paper trains. A value of the model's sampler
+    steps or more is every step, so it resolves to None as well."""
+    value = flag
+    if flag is None:
+        value = defaults.get("erase_steps", {}).get(category)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"the model's zerase.json stores erase_steps = {value!r} for {category}, not a "
                              f"whole number ≥ 1; fix that entry or pass --erase-steps.")
-        value = stored
-    return value if value < steps else None
+    return value if value is not None and value < defaults.get("steps", 8) else None
 
 
 def stored_number(value, symbol: str, what: str, flag: str) -> float:
